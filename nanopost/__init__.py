@@ -1,0 +1,1 @@
+"""nanopost: post-training a small GPT with SFT and PPO, from scratch."""

@@ -1,0 +1,224 @@
+"""
+A GPT-2 style transformer, small enough to train on a laptop CPU in minutes.
+
+Parameter names follow GPT-2 (transformer.wte, h.0.attn.c_attn, ...), the token embedding is tied to
+the output head (Press & Wolf 2017), attention is causal scaled-dot-product attention. Two things go
+beyond nanoGPT because post-training needs them:
+
+- padded batches: `attention_mask` (B, T) marks real tokens; positions count real tokens only, and
+  pads are never attended to. Prompts are left-padded, responses right-padded.
+- a KV cache for batched sampling (`generate`), which must give the same logits as recomputing the
+  whole sequence (tests/test_model.py checks it).
+
+`hidden()` exposes the trunk (after the final layer norm) so a value or reward head can sit on it.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128   # longest sequence (prompt + response) the model sees
+    vocab_size: int = 2048  # the shipped nanopost BPE: 256 bytes + merges + 3 specials
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128       # with the defaults above: ~1.07M parameters, the CPU default
+    dropout: float = 0.0
+    bias: bool = True       # GPT-2 uses biases in Linear and LayerNorm
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far: (n_layer, B, nh, S_max, hs)."""
+
+    def __init__(self, config, batch_size, max_len):
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = self.v = None  # allocated on first write, in the dtype the layers produce (bf16 under autocast)
+        self.length = 0         # filled slots; advanced by GPT.hidden after all layers wrote
+
+    def update(self, layer, k, v):
+        # k, v: (B, nh, T, hs) for the new tokens; returns keys and values of all tokens so far
+        if self.k is None:
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        end = self.length + k.size(2)
+        assert end <= self.shape[3], f"KV cache overflow: {end} > {self.shape[3]} slots"
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask, kv_cache, layer):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:  # plain causal batch: let SDPA pick its fastest kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask, kv_cache, layer):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth (Radford et al. 2019)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden(self, idx, attention_mask=None, kv_cache=None):
+        """Trunk output after the final layer norm, (B, T, C).
+
+        idx (B, T) are the new tokens. attention_mask (B, S) marks real tokens of the whole sequence
+        so far (S = cached + T); None means every token is real. With a kv_cache the keys and values
+        of earlier tokens come from the cache.
+        """
+        B, T = idx.size()
+        past = kv_cache.length if kv_cache is not None else 0
+        S = past + T
+        if S > self.config.block_size:
+            raise ValueError(f"sequence of {S} tokens is longer than block_size={self.config.block_size}")
+        if attention_mask is None and past == 0:
+            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
+            attn_mask = None
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, S, dtype=torch.bool, device=idx.device)
+            assert attention_mask.shape == (B, S), f"attention_mask {tuple(attention_mask.shape)} != {(B, S)}"
+            real = attention_mask.bool()
+            # a token's position is the number of real tokens before it, so left padding does not shift it
+            pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            q_at = torch.arange(past, S, device=idx.device)[:, None]    # (T, 1) absolute query index
+            k_at = torch.arange(S, device=idx.device)[None, :]          # (1, S)
+            attn_mask = (k_at <= q_at)[None] & real[:, None, :]         # (B, T, S) causal, real keys only
+            # a pad query would see no key at all and SDPA would return NaN for it; let it see
+            # itself: pad rows are never used, and real rows are unchanged
+            attn_mask = (attn_mask | (k_at == q_at)[None])[:, None]      # (B, 1, T, S)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length = S
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, attention_mask=None, kv_cache=None):
+        return self.lm_head(self.hidden(idx, attention_mask, kv_cache))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, generator=None,
+                 pad_id=0):
+        """Sample continuations of a batch of token-id prompts of different lengths.
+
+        Returns tokens (B, P+N): the prompts left-padded to P = the longest, then N = max_new_tokens
+        response slots; mask (B, P+N) of real tokens (each row stops after it samples eos_id, which is
+        real); logprobs (B, N) of each sampled token under log_softmax(logits / temperature), 0 at pads.
+        temperature=0 is greedy (its logprobs are at temperature 1). top_k restricts what can be
+        sampled, but logprobs stay those of the full distribution, so they match a later recompute.
+        """
+        assert len(prompts) > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
+        device = self.lm_head.weight.device
+        B, P, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
+        if P + N > self.config.block_size:
+            raise ValueError(f"longest prompt ({P}) + max_new_tokens ({N}) > block_size={self.config.block_size}")
+        tokens = torch.full((B, P + N), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(B, P + N, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+            mask[i, P - len(p):P] = True
+        logprobs = torch.zeros(B, N, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        cache = KVCache(self.config, B, P + N)
+        logits = self(tokens[:, :P], mask[:, :P], cache)[:, -1].float()  # (B, V) prefill
+        for t in range(N):
+            logp = F.log_softmax(logits / (temperature or 1.0), dim=-1)   # (B, V)
+            if temperature == 0:
+                nxt = logp.argmax(-1)
+            else:
+                scores = logp
+                if top_k is not None and top_k < scores.size(-1):
+                    kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            nxt = nxt.masked_fill(done, pad_id)
+            tokens[:, P + t] = nxt
+            mask[:, P + t] = ~done
+            logprobs[:, t] = logp.gather(1, nxt[:, None]).squeeze(1).masked_fill(done, 0.0)
+            if eos_id is not None:
+                done = done | (nxt == eos_id)
+            if t == N - 1 or bool(done.all()):
+                break
+            logits = self(nxt[:, None], mask[:, :P + t + 1], cache)[:, -1].float()
+        return tokens, mask, logprobs

@@ -1,0 +1,112 @@
+"""The GPT: padded batches, the KV cache, sampling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanopost.model import GPT, GPTConfig, KVCache
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(block_size=32, vocab_size=37, n_layer=2, n_head=2, n_embd=16)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def left_pad(prompts, pad=0):
+    P = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), P), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        idx[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = True
+    return idx, mask
+
+
+def test_padding_does_not_change_real_logits():
+    model = tiny_model()
+    seq = torch.randint(0, 37, (1, 9))
+    ref = model(seq)                                       # (1, 9, V) unpadded
+    idx, mask = left_pad([seq[0].tolist(), [1, 2, 3]], pad=5)
+    out = model(idx, mask)
+    torch.testing.assert_close(out[0], ref[0])
+    # right padding too: pads after the real tokens change nothing before them
+    idx = torch.cat([seq, torch.full((1, 4), 7)], dim=1)
+    mask = torch.cat([torch.ones(1, 9, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(model(idx, mask)[:, :9], ref)
+    assert torch.isfinite(model(idx, mask)).all(), "pad rows must not produce NaN"
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_kv_cache_matches_full_recompute(chunk):
+    # prefill a left-padded batch, then feed new tokens `chunk` at a time, some rows padded mid-way
+    model = tiny_model(seed=1)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 37, (n,), generator=g).tolist() for n in (7, 2, 5)]
+    idx, mask = left_pad(prompts)
+    new = torch.randint(0, 37, (3, 9), generator=g)
+    new_mask = torch.ones(3, 9, dtype=torch.bool)
+    new_mask[1, 4:] = False  # row 1 "ended" after 4 new tokens: the rest are pads
+    full_idx, full_mask = torch.cat([idx, new], 1), torch.cat([mask, new_mask], 1)
+    ref = model(full_idx, full_mask)                          # (B, T, V) recompute everything
+
+    cache = KVCache(model.config, 3, full_idx.size(1))
+    P = idx.size(1)
+    got = [model(idx, mask, cache)]
+    for s in range(0, 9, chunk):
+        e = min(s + chunk, 9)
+        got.append(model(new[:, s:e], full_mask[:, :P + e], cache))
+    got = torch.cat(got, 1)
+    real = full_mask
+    torch.testing.assert_close(got[real], ref[real])
+
+
+def test_generate_logprobs_match_recompute_and_stop_per_row():
+    model = tiny_model(seed=2)
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 8]]
+    g = torch.Generator().manual_seed(0)
+    eos = 3
+    tokens, mask, logprobs = model.generate(prompts, 12, temperature=0.7, eos_id=eos, generator=g)
+    P = 5
+    assert tokens.shape == (3, P + 12) and mask.shape == tokens.shape and logprobs.shape == (3, 12)
+    # prompts are left-padded and marked real
+    assert mask[:, :P].sum(1).tolist() == [5, 1, 2]
+    logits = model(tokens, mask)                                      # (B, T, V)
+    ref = F.log_softmax(logits[:, P - 1:-1].float() / 0.7, -1).gather(2, tokens[:, P:, None]).squeeze(2)
+    resp_mask = mask[:, P:]
+    torch.testing.assert_close(logprobs[resp_mask], ref[resp_mask], rtol=1e-4, atol=1e-4)
+    assert (logprobs[~resp_mask] == 0).all()
+    for row in range(3):
+        real = tokens[row, P:][resp_mask[row]].tolist()
+        if eos in real:  # the end token is the last real token; nothing after it is real
+            assert real.index(eos) == len(real) - 1
+        else:
+            assert len(real) == 12
+        # real tokens are contiguous from the start of the response
+        assert resp_mask[row].tolist() == [True] * len(real) + [False] * (12 - len(real))
+
+
+def test_generate_greedy_is_deterministic_and_top_k_restricts():
+    model = tiny_model(seed=3)
+    a = model.generate([[1, 2], [3]], 6, temperature=0)[0]
+    b = model.generate([[1, 2], [3]], 6, temperature=0)[0]
+    assert torch.equal(a, b)
+    tokens, _, _ = model.generate([[1, 2]] * 8, 6, temperature=1.0, top_k=1,
+                                  generator=torch.Generator().manual_seed(0))
+    greedy = model.generate([[1, 2]], 6, temperature=0)[0]
+    assert (tokens == greedy).all(), "top_k=1 sampling must equal greedy decoding"
+
+
+def test_generate_refuses_too_long():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate([[1] * 30], 5)
+
+
+def test_hidden_feeds_a_scalar_head_and_weights_are_tied():
+    model = tiny_model()
+    h = model.hidden(torch.randint(0, 37, (2, 5)))
+    assert h.shape == (2, 5, 16)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert "transformer.h.0.attn.c_attn.weight" in model.state_dict()
