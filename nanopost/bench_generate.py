@@ -35,7 +35,7 @@ def main(n_prompts=64, new_tokens=64, repeats=3):
     torch.manual_seed(0)
     model = GPT(GPTConfig()).eval()
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 2048, (int(n),), generator=g).tolist()
+    prompts = [torch.randint(0, GPTConfig().vocab_size, (int(n),), generator=g).tolist()
                for n in torch.randint(8, 33, (n_prompts,), generator=g)]
     rows = []
     for name, fn in [("kv cache", lambda: model.generate(prompts, new_tokens, generator=g)),

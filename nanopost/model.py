@@ -24,10 +24,10 @@ import torch.nn.functional as F
 @dataclass
 class GPTConfig:
     block_size: int = 128   # longest sequence (prompt + response) the model sees
-    vocab_size: int = 2048  # the shipped nanopost BPE: 256 bytes + merges + 3 specials
+    vocab_size: int = 1024  # the shipped nanopost BPE: 256 bytes + 765 merges + 3 specials
     n_layer: int = 4
     n_head: int = 4
-    n_embd: int = 128       # with the defaults above: ~1.07M parameters, the CPU default
+    n_embd: int = 128       # with the defaults above: ~0.9M parameters, the CPU default
     dropout: float = 0.0
     bias: bool = True       # GPT-2 uses biases in Linear and LayerNorm
 

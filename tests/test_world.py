@@ -1,0 +1,203 @@
+import hashlib
+import os
+import re
+import time
+
+import pytest
+
+from nanopost import world as wm
+from nanopost.tokenizer import get_tokenizer
+from nanopost.world import TASK_PHRASINGS, encode_doc, load_world, parse_target, verify, write_world
+
+
+@pytest.fixture(scope="module")
+def w():
+    return load_world(0)
+
+
+def _hash_dir(d):
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(d)):
+        h.update(name.encode())
+        with open(os.path.join(d, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def test_determinism(tmp_path):
+    write_world(str(tmp_path / "a"), seed=0)
+    t0 = time.time()
+    fresh = wm.World(0)  # uncached build, timed
+    assert time.time() - t0 < 10.0  # ~0.3 s on an idle core; generous so a loaded CI box does not flake
+    assert fresh.pretrain == load_world(0).pretrain
+    write_world(str(tmp_path / "b"), seed=0)
+    write_world(str(tmp_path / "c"), seed=1)
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(
+        ["pretrain.jsonl", "sft_train.jsonl", "sft_val.jsonl", "ppo_prompts.jsonl", "eval_prompts.jsonl"] +
+        [f"heldout_{s}.jsonl" for s in wm.SKILLS])
+    assert _hash_dir(tmp_path / "a") == _hash_dir(tmp_path / "b")
+    assert _hash_dir(tmp_path / "a") != _hash_dir(tmp_path / "c")
+    assert load_world(0) is load_world(0)  # cached
+
+
+def test_shape(w):
+    assert w.skills == ["facts", "arithmetic", "stories", "chat"]
+    for s in w.skills:
+        assert len(w.pretrain[s]) >= 1000 and 100 <= len(w.heldout[s]) <= 300, s
+        for d in w.pretrain[s][:50] + w.heldout[s][:50]:
+            assert isinstance(d, str) or (set(d) == {"prompt", "completion"}), d
+    assert all(isinstance(d, dict) for d in w.pretrain["chat"] + w.heldout["chat"])
+    assert set(w.probes) == {"facts", "arithmetic"}
+    assert len({p["name"] for p in w.people}) == len(w.people) == wm.N_PEOPLE
+
+
+def test_heldout_disjoint_from_train(w):
+    def key(d):
+        return d if isinstance(d, str) else (d["prompt"], d["completion"])
+
+    for s in w.skills:
+        train = {key(d) for d in w.pretrain[s]}
+        held = [key(d) for d in w.heldout[s]]
+        assert len(set(held)) == len(held), s
+        assert not train & set(held), s
+    # arithmetic: no held-out operand pair (in either order) appears in any train equation of any skill
+    held_add = {tuple(p) for p in w.pairs["add_heldout"]}
+    held_sub = {tuple(p) for p in w.pairs["sub_heldout"]}
+    train_text = "\n".join(wm.doc_text(d) for s in w.skills for d in w.pretrain[s])
+    equations = re.findall(r"(?<!\d)(\d+)([+-])(\d+)=", train_text)
+    assert len(equations) > 10_000
+    for a, op, b in equations:
+        a, b = int(a), int(b)
+        if op == "+":
+            assert (min(a, b), max(a, b)) not in held_add, (a, b)
+        else:
+            assert (a, b) not in held_sub, (a, b)
+    # arithmetic probes use held-out pairs, and are correct
+    train_eqs = {(int(a), op, int(b)) for a, op, b in equations}
+    for prompt, completion in w.probes["arithmetic"]:
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)=", prompt).groups()
+        assert (int(a), op, int(b)) not in train_eqs and (int(b), op, int(a)) not in train_eqs
+        assert str(eval(prompt[:-1])) == completion  # noqa: S307 (our own digits-and-operator strings)
+    # facts probes are true facts that occur in training
+    for prompt, completion in w.probes["facts"]:
+        assert prompt + completion + "." in train_text
+
+
+def test_task_not_in_pretraining(w):
+    docs = [d for s in w.skills for d in w.pretrain[s] + w.heldout[s]]
+    text = "\n".join(wm.doc_text(d) for d in docs)
+    for ph in TASK_PHRASINGS:
+        assert re.search(re.escape(ph).replace(re.escape("{N}"), r"\d+"), text) is None, ph
+    for d in docs:
+        if isinstance(d, dict):
+            with pytest.raises(ValueError):
+                parse_target(d["prompt"])
+
+
+def test_task_splits(w):
+    assert set(w.train_targets).isdisjoint(w.eval_targets)
+    assert set(w.train_targets) | set(w.eval_targets) == set(range(10, 100))
+    assert all(n % 5 == 0 for n in w.eval_targets)
+    ppo_n = {parse_target(p) for p in w.ppo_prompts}
+    sft_n = {parse_target(d["prompt"]) for d in w.sft_train + w.sft_val}
+    eval_n = {parse_target(p) for p in w.eval_prompts}
+    assert ppo_n == set(w.train_targets) and sft_n <= set(w.train_targets)
+    assert eval_n == set(w.eval_targets)
+    assert not set(w.eval_prompts) & set(w.ppo_prompts)
+    assert not {d["prompt"] for d in w.sft_val} & {d["prompt"] for d in w.sft_train}
+    assert all(isinstance(p, str) for p in w.ppo_prompts + w.eval_prompts)
+    # every phrasing is used for PPO and eval
+    for ph in range(len(TASK_PHRASINGS)):
+        assert any(p == wm.task_prompt(n, ph) for p in w.eval_prompts for n in w.eval_targets)
+
+
+def test_demonstrator_valid_and_narrow(w):
+    for d in w.sft_train + w.sft_val:
+        r = verify(d["prompt"], d["completion"], ended=True)
+        assert r["valid"] and r["score"] == 1.0, d
+        n = parse_target(d["prompt"])
+        assert d["completion"] == f"1+{n - 1}={n}"  # one fixed style
+
+
+@pytest.mark.parametrize("ph", range(len(TASK_PHRASINGS)))
+def test_verify_each_phrasing(ph):
+    prompt = wm.task_prompt(37, ph)
+    assert parse_target(prompt) == 37
+    assert verify(prompt, "30+7=37", True)["valid"]
+    assert verify(prompt, "0+37=37", True)["valid"]
+    assert verify(prompt, "37+0=37", True)["valid"]
+    assert not verify(prompt, "30+8=38", True)["valid"]  # right sum, wrong target
+
+
+@pytest.mark.parametrize("response,valid,well_formed,answer", [
+    ("12+5=17", True, True, "12+5=17"),
+    ("  12+5=17\n", True, True, "12+5=17"),    # surrounding whitespace is ignored
+    ("17+0=17", True, True, "17+0=17"),
+    ("12+6=17", False, True, "12+6=17"),       # wrong sum
+    ("12+6=18", False, True, "12+6=18"),       # right sum, wrong N
+    ("012+5=17", False, True, "12+5=17"),      # leading zero
+    ("12+05=17", False, True, "12+5=17"),
+    ("12+5=017", False, True, "12+5=17"),
+    ("00+17=17", False, True, "0+17=17"),
+    ("12+5=17.", False, False, None),          # trailing junk
+    ("12+5=17 12+5=17", False, False, None),
+    ("The answer is 12+5=17", False, False, None),
+    ("12 + 5 = 17", False, False, None),
+    ("20-3=17", False, False, None),           # a subtraction is not an addition
+    ("-3+20=17", False, False, None),
+    ("12+5", False, False, None),
+    ("", False, False, None),
+    ("1.5+15.5=17", False, False, None),
+    ("１２+5=17", False, False, None),           # full-width digits are not ASCII digits
+])
+def test_verify_cases(response, valid, well_formed, answer):
+    prompt = "Write an addition that equals 17."
+    r = verify(prompt, response, ended=True)
+    assert r == dict(valid=valid, well_formed=well_formed, ended=True, answer=answer, score=float(valid))
+
+
+def test_verify_not_ended():
+    r = verify("Write an addition that equals 17.", "12+5=17", ended=False)
+    assert r["valid"] and not r["ended"] and r["score"] == 0.0
+    w = load_world(0)
+    assert w.score("Write an addition that equals 17.", "12+5=17", True) == 1.0
+    assert w.score("Write an addition that equals 17.", "12+5=17", False) == 0.0
+
+
+@pytest.mark.parametrize("prompt", ["What is 2+2?", "Write an addition that equals seventeen.", "",
+                                    "Write an addition that equals 17", "Write a subtraction that equals 17."])
+def test_verify_unparseable_prompt(prompt):
+    with pytest.raises(ValueError, match="not a task prompt"):
+        verify(prompt, "12+5=17", True)
+
+
+def test_valid_answers_count():
+    # exactly N+1 valid answers per target
+    prompt = "Give two numbers that add up to 12."
+    valid = {f"{a}+{b}=12" for a in range(0, 30) for b in range(0, 30) if verify(prompt, f"{a}+{b}=12", True)["valid"]}
+    assert len(valid) == 13
+
+
+def test_encode_doc(w):
+    tok = get_tokenizer("nanopost")
+    text = w.pretrain["facts"][0]
+    assert encode_doc(tok, text) == tok.encode(text) + [tok.eot_id]
+    chat = w.pretrain["chat"][0]
+    assert encode_doc(tok, chat) == tok.encode_prompt(chat["prompt"]) + tok.encode_response(chat["completion"])
+    with pytest.raises(TypeError):
+        encode_doc(tok, 3)
+
+
+def test_corpus_size(w):
+    tok = get_tokenizer("nanopost")
+    n = sum(len(encode_doc(tok, d)) for s in w.skills for d in w.pretrain[s])
+    assert 400_000 < n < 1_000_000, n
+
+
+def test_cli(tmp_path, capsys):
+    wm.main([f"--out_dir={tmp_path}", "--seed=3"])
+    assert "eval_prompts.jsonl" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown argument"):
+        wm.main(["--sed=3"])
+    with pytest.raises(ValueError, match="--seed"):
+        wm.main(["--seed=x"])
