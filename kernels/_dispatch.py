@@ -126,12 +126,14 @@ def as_rows(x: torch.Tensor):
     return x.flatten(0, -3)  # a view when the outer leading dims merge, else a copy
 
 
-def launch_config(n_cols):
-    """(BLOCK, num_warps) for a one-program-per-row kernel that loops over a row of n_cols in BLOCK chunks."""
+def launch_config(n_cols, block=None):
+    """(BLOCK, num_warps) for a one-program-per-row kernel that loops over a row of n_cols in BLOCK chunks.
+    `block` forces the chunk size (tests use it to exercise the multi-chunk loop on small rows)."""
     # BLOCK: the whole row when it fits, else 4096-column chunks. 4096 fp32 over 8 warps is 16 values per thread:
     # enough loads in flight to saturate HBM without spilling registers; a bigger chunk only adds register
     # pressure, a smaller one adds loop trips. The loop makes any V (1, odd, > 65536) work with one kernel.
-    BLOCK = min(triton.next_power_of_2(n_cols), 4096)
+    BLOCK = block or min(triton.next_power_of_2(n_cols), 4096)
+    assert BLOCK & (BLOCK - 1) == 0, f"BLOCK must be a power of two, got {BLOCK}"
     # one warp per 512 columns (16 per thread), between 1 and 8: more warps than that would idle on short rows
     num_warps = max(1, min(8, BLOCK // 512))
     return BLOCK, num_warps

@@ -1,0 +1,253 @@
+"""
+Per-token KL divergence between two categorical distributions given as logits, fused in one Triton pass.
+
+    p = softmax(x / T),  q = softmax(y / T)            x = logits, y = ref_logits, both (..., V)
+    KL(p || q) = sum_i p_i (log p_i - log q_i)
+               = sum_i p_i (x_i - y_i) / T  -  lse_p  +  lse_q          (sum_i p_i = 1)
+    lse_p = logsumexp(x / T),  lse_q = logsumexp(y / T)                  -> KL is (...,) float32
+
+The forward reads each row of x and y exactly once: it keeps running maxima m_x, m_y, running sums
+s_x = sum exp(x/T - m_x), s_y = sum exp(y/T - m_y), and acc = sum exp(x/T - m_x) (x - y)/T, rescaling
+all three by exp(m_old - m_new) whenever a chunk raises the maximum ("online softmax",
+Milakov & Gimelshein 2018, "Online normalizer calculation for softmax", arXiv:1805.02867). Then
+KL = acc / s_x - lse_p + lse_q. Only five floats per row (m_x, log s_x, m_y, log s_y, acc / s_x) are saved
+for the backward, which recomputes p and q from the logits instead of storing an (N, V) probability matrix.
+lse is kept split as (m, log s): p_i = exp((x_i/T - m_x) - log s_x) never subtracts two numbers of the size
+of the logits after rounding, which a single fp32 lse ~ 1e4 (spacing 1e-3) would.
+
+Which KL you get depends on argument order: token_kl(policy, ref) is KL(policy || ref), the usual
+PPO/RLHF penalty; the forward KL to a base model is token_kl(base_logits, logits).
+Conventions, as in the float64 math: a p_i = 0 (x_i = -inf) term contributes 0; q_i = 0 where p_i > 0
+gives KL = +inf; a NaN anywhere in a row makes that row's KL NaN.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from kernels import _dispatch
+from kernels._dispatch import tl, triton  # stand-ins when triton is missing; use_triton() is then False
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 runs the reference (e.g. gradcheck)
+
+
+def token_kl_ref(logits, ref_logits, *, temperature=1.0):
+    """Pure-PyTorch KL(softmax(logits/T) || softmax(ref_logits/T)) over the last dim -> (...,).
+
+    Float32 math (float64 for float64 inputs); fine for CPU training and tests, which is what it is for.
+    Traffic per logit, forward only: read x and y (2s bytes, s = input element size), then write and
+    re-read six fp32 (..., V) temporaries (x/T, y/T, logp, logq, diff, p * diff): ~2s + 48 bytes, against
+    the kernel's 2s. Autograd keeps four of them alive until the backward.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = F.log_softmax(logits.to(dtype) / temperature, dim=-1)        # (..., V)
+    logq = F.log_softmax(ref_logits.to(dtype) / temperature, dim=-1)    # (..., V)
+    # p_i = 0 contributes 0 (0 log 0 = 0); unmasked, -inf - -inf would make the row NaN. Masking the
+    # difference rather than the product keeps the backward free of 0 * inf = NaN as well.
+    diff = torch.where(logp == float("-inf"), 0.0, logp - logq)       # (..., V)
+    return (logp.exp() * diff).sum(-1)
+
+
+# -----------------------------------------------------------------------------
+# Triton kernels. A row lives at x_ptr + outer * stride_outer + inner * stride_row with unit stride
+# along V, so (B, T, V) slices such as logits[:, :-1] (rows not collapsible into one stride) need no copy.
+
+@triton.jit
+def _kl_fwd_kernel(
+    x_ptr, x_stride_outer, x_stride_row,
+    y_ptr, y_stride_outer, y_stride_row,
+    kl_ptr, mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr,   # (N,) float32 outputs
+    n_inner, n_cols, inv_temp,
+    BLOCK: tl.constexpr,
+):
+    # int64: row * stride exceeds 2**31 once N * V does (e.g. 14200 rows of V=151936), and an int32
+    # product would silently wrap to a negative offset and read another row.
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // n_inner
+    inner = row % n_inner
+    x_ptr += outer * x_stride_outer + inner * x_stride_row
+    y_ptr += outer * y_stride_outer + inner * y_stride_row
+    cols = tl.arange(0, BLOCK)
+
+    m_x = tl.full([], float("-inf"), tl.float32)   # running max of x/T
+    m_y = tl.full([], float("-inf"), tl.float32)
+    s_x = tl.zeros([], tl.float32)                 # sum exp(x/T - m_x)
+    s_y = tl.zeros([], tl.float32)
+    acc = tl.zeros([], tl.float32)                 # sum exp(x/T - m_x) * (x - y)/T
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        y = tl.load(y_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        m_x_new = tl.maximum(m_x, tl.max(x, axis=0))
+        m_y_new = tl.maximum(m_y, tl.max(y, axis=0))
+        # While every entry seen so far is -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
+        sh_x = tl.where(m_x_new == float("-inf"), 0.0, m_x_new)
+        sh_y = tl.where(m_y_new == float("-inf"), 0.0, m_y_new)
+        alpha_x = tl.exp(m_x - sh_x)               # 0 on the first finite chunk, since m_x = -inf
+        alpha_y = tl.exp(m_y - sh_y)
+        e_x = tl.exp(x - sh_x)
+        e_y = tl.exp(y - sh_y)
+        # p_i = 0 (x = -inf, incl. the masked tail) adds 0, not 0 * inf = NaN. q_i = 0 under p_i > 0 adds
+        # +inf explicitly, because e_x may have underflowed to 0 even though p_i > 0 mathematically.
+        term = tl.where(x == float("-inf"), 0.0,
+                        tl.where(y == float("-inf"), float("inf"), e_x * (x - y)))
+        s_x = s_x * alpha_x + tl.sum(e_x, axis=0)
+        s_y = s_y * alpha_y + tl.sum(e_y, axis=0)
+        acc = acc * alpha_x + tl.sum(term, axis=0)
+        m_x = m_x_new
+        m_y = m_y_new
+    # A NaN input reaches s_x or s_y through exp(NaN) even where max() skips NaNs, so KL is NaN too.
+    log_s_x = tl.log(s_x)
+    log_s_y = tl.log(s_y)
+    # Grouped so the two O(|logits|) maxima cancel first: with |x|, |y| ~ 1e4, (m_x + log s_x) rounded
+    # on its own would cost ~1e-3 of absolute error in a KL that may be ~1e-6.
+    mean = acc / s_x                               # E_p[x - y] / T, kept for the backward
+    kl = mean - (m_x - m_y) - (log_s_x - log_s_y)
+    tl.store(kl_ptr + row, kl)
+    tl.store(mean_ptr + row, mean)
+    tl.store(max_x_ptr + row, m_x)
+    tl.store(logs_x_ptr + row, log_s_x)
+    tl.store(max_y_ptr + row, m_y)
+    tl.store(logs_y_ptr + row, log_s_y)
+
+
+# Backward. With a_i = log p_i = x_i/T - lse_p, b_i = log q_i = y_i/T - lse_q, KL = sum_j p_j (a_j - b_j):
+#   d a_j / d x_i = (delta_ij - p_i) / T,   d p_j / d x_i = p_j (delta_ij - p_i) / T,   d b_j / d y_i likewise
+#   dKL/dx_i = sum_j p_j (delta_ij - p_i)(a_j - b_j)/T + sum_j p_j (delta_ij - p_i)/T
+#            = p_i (a_i - b_i - KL) / T             (the second sum is (p_i - p_i)/T = 0)
+#            = p_i ((x_i - y_i)/T - E_p[x - y]/T) / T   (a_i - b_i - KL: both lse cancel)
+#   dKL/dy_i = -sum_j p_j (delta_ij - q_i) / T = (q_i - p_i) / T
+# The last form of dKL/dx avoids lse_p - lse_q - KL, a difference of numbers of the size of the logits:
+# with |logits| ~ 1e4 it would lose ~1e-3 of absolute accuracy in every p_i-weighted term.
+# Both need p and q, so both logits are read once; each requested gradient is written once, in the
+# input dtype, scaled by the upstream gradient g of that row.
+@triton.jit
+def _kl_bwd_kernel(
+    x_ptr, x_stride_outer, x_stride_row,
+    y_ptr, y_stride_outer, y_stride_row,
+    dx_ptr, dy_ptr,                        # (N, V) contiguous, input dtype; unused one is a placeholder
+    dkl_ptr, mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr,   # (N,) float32
+    n_inner, n_cols, inv_temp,
+    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)    # int64 for the same reason as in the forward
+    outer = row // n_inner
+    inner = row % n_inner
+    x_ptr += outer * x_stride_outer + inner * x_stride_row
+    y_ptr += outer * y_stride_outer + inner * y_stride_row
+    dx_ptr += row * n_cols
+    dy_ptr += row * n_cols
+    g = tl.load(dkl_ptr + row) * inv_temp
+    mean = tl.load(mean_ptr + row)
+    m_x = tl.load(max_x_ptr + row)
+    log_s_x = tl.load(logs_x_ptr + row)
+    m_y = tl.load(max_y_ptr + row)
+    log_s_y = tl.load(logs_y_ptr + row)
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        y = tl.load(y_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        p = tl.exp((x - m_x) - log_s_x)
+        if NEED_DX:
+            # p_i = 0 has zero gradient; unmasked it would be 0 * (-inf - ...) = NaN
+            dx = tl.where(x == float("-inf"), 0.0, p * ((x - y) - mean)) * g
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_DY:
+            dy = (tl.exp((y - m_y) - log_s_y) - p) * g
+            tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+# -----------------------------------------------------------------------------
+# host side
+
+def _kl_forward(x, y, temperature, block=None):
+    x3, y3 = _dispatch.as_rows(x), _dispatch.as_rows(y)                  # (A, B, V)
+    n_inner, n_cols = x3.shape[1], x3.shape[2]
+    n_rows = x3.shape[0] * n_inner
+    kl = _dispatch.empty(n_rows, dtype=torch.float32, device=x.device)     # (N,)
+    # per-row statistics for the backward, each (N,): E_p[x - y]/T, max x/T, log sum exp(x/T - max), same for y
+    stats = [_dispatch.empty(n_rows, dtype=torch.float32, device=x.device) for _ in range(5)]
+    if n_rows > 0:
+        BLOCK, num_warps = _dispatch.launch_config(n_cols, block)
+        _kl_fwd_kernel[(n_rows,)](
+            x3, x3.stride(0), x3.stride(1),
+            y3, y3.stride(0), y3.stride(1),
+            kl, *stats,
+            n_inner, n_cols, 1.0 / temperature,
+            BLOCK=BLOCK, num_warps=num_warps,
+        )
+        _dispatch.launches["token_kl_fwd"] += 1
+    return kl, stats
+
+
+def _kl_backward(x, y, dkl, stats, temperature, need_dx, need_dy, block=None):
+    x3, y3 = _dispatch.as_rows(x), _dispatch.as_rows(y)
+    n_inner, n_cols = x3.shape[1], x3.shape[2]
+    n_rows = x3.shape[0] * n_inner
+    dx = _dispatch.empty(*x.shape, dtype=x.dtype, device=x.device) if need_dx else None   # (..., V)
+    dy = _dispatch.empty(*y.shape, dtype=y.dtype, device=y.device) if need_dy else None   # (..., V)
+    if n_rows > 0:
+        dkl = dkl.reshape(n_rows).float().contiguous()  # (N,); upstream grads may be expanded/strided
+        BLOCK, num_warps = _dispatch.launch_config(n_cols, block)
+        _kl_bwd_kernel[(n_rows,)](
+            x3, x3.stride(0), x3.stride(1),
+            y3, y3.stride(0), y3.stride(1),
+            # the pointer of a gradient that is not needed is never dereferenced (constexpr-pruned)
+            dx if need_dx else dy, dy if need_dy else dx,
+            dkl, *stats,
+            n_inner, n_cols, 1.0 / temperature,
+            NEED_DX=need_dx, NEED_DY=need_dy, BLOCK=BLOCK, num_warps=num_warps,
+        )
+        _dispatch.launches["token_kl_bwd"] += 1
+    return dx, dy
+
+
+class _TokenKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, temperature, block):
+        kl, stats = _kl_forward(x, y, temperature, block)
+        ctx.save_for_backward(x, y, *stats)
+        ctx.temperature = temperature
+        ctx.block = block
+        return kl.view(x.shape[:-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dkl):
+        x, y, *stats = ctx.saved_tensors
+        need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dx or need_dy):
+            return None, None, None, None
+        dx, dy = _kl_backward(x, y, dkl, stats, ctx.temperature, need_dx, need_dy, ctx.block)
+        return dx, dy, None, None
+
+
+def _check_args(logits, ref_logits, temperature):
+    for name, t in (("logits", logits), ("ref_logits", ref_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"token_kl: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"token_kl: {name}.dtype = {t.dtype}, expected a floating dtype")
+        if t.dim() < 1 or t.shape[-1] < 1:
+            raise ValueError(f"token_kl: {name}.shape = {tuple(t.shape)}, expected (..., V) with V >= 1")
+    if logits.shape != ref_logits.shape or logits.dtype != ref_logits.dtype or logits.device != ref_logits.device:
+        raise ValueError(
+            f"token_kl: logits {tuple(logits.shape)} {logits.dtype} {logits.device} and ref_logits "
+            f"{tuple(ref_logits.shape)} {ref_logits.dtype} {ref_logits.device} must match in shape, dtype, device")
+    if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
+        raise ValueError(f"token_kl: temperature = {temperature!r}, expected a finite number > 0")
+
+
+def token_kl(logits, ref_logits, *, temperature=1.0, _block=None):
+    """KL(softmax(logits/T) || softmax(ref_logits/T)) per position: (..., V), (..., V) -> (...,) float32.
+
+    Differentiable in whichever of the two inputs requires grad. Triton on CUDA (and on CPU under
+    TRITON_INTERPRET=1) for float32/bfloat16/float16, the PyTorch reference otherwise. `_block` (private)
+    forces the chunk size; tests use it to cover the multi-chunk path on small V.
+    """
+    _check_args(logits, ref_logits, temperature)
+    if not (_dispatch.use_triton(logits) and logits.dtype in KERNEL_DTYPES):
+        return token_kl_ref(logits, ref_logits, temperature=temperature)
+    return _TokenKL.apply(logits, ref_logits, float(temperature), _block)
