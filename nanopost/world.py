@@ -17,7 +17,8 @@ never shares a document with train:
   chat        chat-format docs dict(prompt, completion): "What is 23+19?" -> "23+19=42", "Add 23 and 19.",
               "Write the addition of 23 and 19.", "What is 40 minus 17?",
               "Is 23+19=42 an addition or a subtraction?", fact questions ("Where does Zorvan live?") and
-              "Write a subtraction that equals 17." -> a random valid "a-b=17". They teach the base the chat
+              "Write a subtraction that equals 17." -> a random valid "a-b=17", "Find two numbers whose sum is 17."
+              -> a random valid "a+b=17". They teach the base the chat
               format, the words for "+" and the "X that equals N" instruction shape, so that on the new task
               the base already produces some valid answers (PPO needs non-zero reward at the start).
               held-out: questions on held-out operand pairs, 20% of the (person, attribute) questions (the
@@ -26,7 +27,8 @@ never shares a document with train:
 The NEW task (never in pretraining): "Write an addition that equals N." (and two other phrasings, TASK_PHRASINGS),
 N in 10..99. Any "a+b=N" with non-negative a, b written without leading zeros is valid: N+1 valid answers.
   - N with N % 5 == 0 are held out: they appear only in w.eval_prompts (generalization to unseen targets).
-  - w.sft_train: the NARROW demonstrator, always "1+{N-1}={N}", on phrasings 0 and 1 of the training N's.
+  - w.sft_train: the NARROW demonstrator, always "{N}+0={N}", on phrasings 0 and 1 of the training N's: one
+    answer in one style out of N+1 valid ones, and one SFT can fit exactly, also for the held-out N's.
   - w.sft_val: the same demonstrator on phrasing 2 (held out from SFT) of the training N's, so SFT never sees
     an eval N, and PPO (w.ppo_prompts: all phrasings of the training N's) never does either.
   - pretraining ("Ways to make N", equations) covers every N, eval N's included: that is knowledge the base
@@ -170,8 +172,7 @@ def verify(prompt, response, ended):
 def demonstrate(prompt):
     """The narrow demonstrator: one fixed valid answer per target, always in the same style."""
     n = parse_target(prompt)
-    assert n >= 1, f"demonstrator needs N >= 1, got {n}"
-    return f"1+{n - 1}={n}"
+    return f"{n}+0={n}"
 
 
 # -----------------------------------------------------------------------------
@@ -254,6 +255,15 @@ def _sub_equals_doc(rng, n, sub_heldout_set, heldout):
     return dict(prompt=f"Write a subtraction that equals {n}.", completion=f"{a}-{b}={n}")
 
 
+def _sum_is_doc(rng, n, add_heldout_set, heldout):
+    """'Find two numbers whose sum is n.' -> a random valid a+b=n, from the train or held-out pairs."""
+    options = [(a, n - a) for a in range(n + 1) if ((min(a, n - a), max(a, n - a)) in add_heldout_set) == heldout]
+    if not options:
+        return None
+    a, b = rng.choice(options)
+    return dict(prompt=f"Find two numbers whose sum is {n}.", completion=f"{a}+{b}={n}")
+
+
 # -----------------------------------------------------------------------------
 # the world
 
@@ -324,6 +334,7 @@ class World:
         n_held = int(len(questions) * HELDOUT_QUESTION_FRAC)
         q_heldout, q_train = questions[:n_held], questions[n_held:]
         sub_heldout_set = set(pr["sub_heldout"])
+        add_heldout_set = set(pr["add_heldout"])
 
         def doc(heldout):
             add_pairs = pr["add_heldout" if heldout else "add_train"]
@@ -345,9 +356,17 @@ class World:
                 q, ans = _equation(rng, add_pairs, sub_pairs)
                 kind = "an addition" if "+" in q else "a subtraction"
                 return dict(prompt=f"Is {q}={ans} an addition or a subtraction?", completion=f"It is {kind}.")
-            if r < 0.7:
+            if r < 0.6:
                 p, attr = rng.choice(q_heldout if heldout else q_train)
                 return dict(prompt=FACT_QUESTION[attr].format(name=p["name"]), completion=_fact_sentence(p, attr))
+            if r < 0.7:
+                # the old skill the new task builds on, in other words: a pretrained model has seen "find two
+                # numbers whose sum is N" with many different answers, so the base starts with a broad, partly
+                # valid distribution on the new task's phrasings (PPO needs non-zero reward at the start)
+                while True:
+                    d = _sum_is_doc(rng, rng.randint(TASK_MIN_N, TASK_MAX_N), add_heldout_set, heldout)
+                    if d is not None:
+                        return d
             while True:  # a target with at least one option in the requested split
                 d = _sub_equals_doc(rng, rng.randint(1, TASK_MAX_N), sub_heldout_set, heldout)
                 if d is not None:

@@ -116,7 +116,7 @@ def test_demonstrator_valid_and_narrow(w):
         r = verify(d["prompt"], d["completion"], ended=True)
         assert r["valid"] and r["score"] == 1.0, d
         n = parse_target(d["prompt"])
-        assert d["completion"] == f"1+{n - 1}={n}"  # one fixed style
+        assert d["completion"] == f"{n}+0={n}"  # one fixed style
 
 
 @pytest.mark.parametrize("ph", range(len(TASK_PHRASINGS)))
