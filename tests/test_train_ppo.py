@@ -1,0 +1,306 @@
+"""train_ppo.py: the PPO pieces against hand-computed values, then the real script as a subprocess
+(smoke run, exact resume, 2-process data parallel, a failing reward function)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import train_ppo
+from nanopost.common import build_model, load_model, save_checkpoint
+from nanopost.rollout import rollout
+from nanopost.tokenizer import get_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def prefix_mask(lengths, N):
+    return torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]  # (B, N) bool
+
+
+def gae_double_loop(rewards, values, lengths, gamma, lam):
+    """The textbook definition, one row and one time step at a time: A_t = sum_l (gamma lam)^l delta_{t+l}."""
+    B, N = rewards.shape
+    adv = torch.zeros(B, N, dtype=torch.float64)
+    for b in range(B):
+        L = lengths[b]
+        for t in range(L):
+            total = 0.0
+            for k in range(t, L):
+                v_next = values[b, k + 1].item() if k + 1 < L else 0.0  # terminal after the last real token
+                delta = rewards[b, k].item() + gamma * v_next - values[b, k].item()
+                total += (gamma * lam) ** (k - t) * delta
+            adv[b, t] = total
+    return adv
+
+
+def tiny_checkpoint(path, seed=0):
+    """A ~50k-parameter random GPT over the shipped tokenizer, saved like any nanopost checkpoint."""
+    tok = get_tokenizer("nanopost")
+    torch.manual_seed(seed)
+    args = dict(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True)
+    model = build_model(args)
+    save_checkpoint(str(path), dict(model=model.state_dict(), model_args=args, config={}, step=0, tokenizer=tok.name))
+    return str(path)
+
+
+# the knobs of every subprocess run: tiny batch, short responses, few eval prompts
+TINY = ["--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--max_new_tokens=6", "--eval_prompts=4",
+        "--eval_k=1", "--device=cpu", "--learning_rate=1e-3", "--value_lr=1e-3"]
+
+
+def run_script(args, nproc=1, check=True):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # training runs the torch references
+    env["OMP_NUM_THREADS"] = "1"
+    if nproc == 1:
+        cmd = [sys.executable, "train_ppo.py", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "train_ppo.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, f"train_ppo.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def train_records(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+TIMING = ("tok_per_s", "t_rollout", "t_learn")
+
+# -----------------------------------------------------------------------------
+# the pieces
+
+
+def test_compute_gae_matches_double_loop():
+    torch.manual_seed(0)
+    B, N = 5, 7
+    lengths = [7, 1, 4, 6, 2]
+    rewards = torch.randn(B, N, dtype=torch.float64)
+    values = torch.randn(B, N, dtype=torch.float64)
+    mask = prefix_mask(lengths, N)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.99, 0.0)]:
+        adv, ret = train_ppo.compute_gae(rewards, values, mask, gamma, lam)
+        ref = gae_double_loop(rewards, values, lengths, gamma, lam)
+        torch.testing.assert_close(adv, ref)
+        torch.testing.assert_close(ret, torch.where(mask, ref + values, torch.zeros_like(ref)))
+
+
+def test_policy_loss_hand_computed():
+    ratio = torch.tensor([[1.5, 0.5, 1.1]], dtype=torch.float64)
+    old = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, -1.0, 2.0]], dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    pg_loss, approx_kl, clipfrac, _ = train_ppo.policy_loss(old + ratio.log(), old, adv, mask, clip_coef=0.2)
+    # token 0: A>0, ratio 1.5 clipped to 1.2 -> -1.2 ; token 1: A<0, ratio 0.5 clipped to 0.8 -> +0.8 ;
+    # token 2: inside the clip range -> -2 * 1.1 = -2.2
+    torch.testing.assert_close(pg_loss, torch.tensor((-1.2 + 0.8 - 2.2) / 3, dtype=torch.float64))
+    torch.testing.assert_close(clipfrac, torch.tensor(2 / 3, dtype=torch.float64))
+    k3 = [(r - 1) - math.log(r) for r in (1.5, 0.5, 1.1)]
+    torch.testing.assert_close(approx_kl, torch.tensor(sum(k3) / 3, dtype=torch.float64))
+    # the clipped side has no gradient: only token 2 moves the loss
+    logp = (old + ratio.log()).requires_grad_()
+    train_ppo.policy_loss(logp, old, adv, mask, clip_coef=0.2)[0].backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, -2.0 * 1.1 / 3]], dtype=torch.float64))
+
+
+def test_value_loss_hand_computed():
+    new = torch.tensor([[0.5, -0.1]], dtype=torch.float64)
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    returns = torch.ones(1, 2, dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    v_loss, vf_clipfrac = train_ppo.value_loss(new, old, returns, mask, clip_coef=0.2)
+    # token 0: unclipped (0.5-1)^2 = 0.25, clipped (0.2-1)^2 = 0.64 -> 0.64 ; token 1: inside the range -> 1.21
+    torch.testing.assert_close(v_loss, torch.tensor(0.5 * (0.64 + 1.21) / 2, dtype=torch.float64))
+    torch.testing.assert_close(vf_clipfrac, torch.tensor(0.5, dtype=torch.float64))
+
+
+def test_pads_change_nothing():
+    torch.manual_seed(1)
+    B, N, extra = 4, 5, 3
+    lengths = [5, 2, 3, 1]
+    mask = prefix_mask(lengths, N)
+    rewards, values, old_values, returns = (torch.randn(B, N) for _ in range(4))
+    logp, old_logp, adv = torch.randn(B, N) - 1, torch.randn(B, N) - 1, torch.randn(B, N)
+
+    def pad(x, fill):
+        # extra columns AND an extra row, all pads, holding garbage (even NaN/inf must not leak)
+        x = torch.cat([x, torch.full((B, extra), fill)], dim=1)
+        return torch.cat([x, torch.full((1, N + extra), fill)], dim=0)
+
+    pmask = torch.cat([torch.cat([mask, torch.zeros(B, extra, dtype=torch.bool)], 1),
+                       torch.zeros(1, N + extra, dtype=torch.bool)], 0)
+    for fill in (7.0, float("nan"), float("inf")):
+        a, r = train_ppo.compute_gae(rewards, values, mask, 1.0, 0.95)
+        pa, pr = train_ppo.compute_gae(pad(rewards, fill), pad(values, fill), pmask, 1.0, 0.95)
+        torch.testing.assert_close(pa[:B, :N], a)
+        torch.testing.assert_close(pr[:B, :N], r)
+        assert (pa[~pmask] == 0).all() and (pr[~pmask] == 0).all()
+        for shift in (True, False):
+            torch.testing.assert_close(train_ppo.masked_whiten(pad(adv, fill), pmask, shift)[:B, :N],
+                                       train_ppo.masked_whiten(adv, mask, shift))
+        ref = train_ppo.policy_loss(logp, old_logp, adv, mask, 0.2)
+        got = train_ppo.policy_loss(pad(logp, fill), pad(old_logp, fill), pad(adv, fill), pmask, 0.2)
+        for x, y in zip(got[:3], ref[:3]):
+            torch.testing.assert_close(x, y)
+        ref = train_ppo.value_loss(values, old_values, returns, mask, 0.2)
+        got = train_ppo.value_loss(pad(values, fill), pad(old_values, fill), pad(returns, fill), pmask, 0.2)
+        for x, y in zip(got, ref):
+            torch.testing.assert_close(x, y)
+
+
+def test_global_token_count_makes_split_batches_equal_one_batch():
+    # what data parallel relies on: each rank divides by the global token count and the gradients are summed,
+    # so two half-batches give exactly the gradient of the whole batch
+    torch.manual_seed(2)
+    B, N = 6, 4
+    mask = prefix_mask([4, 1, 3, 2, 4, 1], N)
+    old_logp, adv = torch.randn(B, N, dtype=torch.float64), torch.randn(B, N, dtype=torch.float64)
+    logp = (old_logp + 0.3 * torch.randn(B, N, dtype=torch.float64)).requires_grad_()
+    train_ppo.policy_loss(logp, old_logp, adv, mask, 0.2)[0].backward()
+    full_grad, logp.grad = logp.grad.clone(), None
+    n = mask.sum()
+    for rows in (slice(0, 3), slice(3, 6)):
+        train_ppo.policy_loss(logp[rows], old_logp[rows], adv[rows], mask[rows], 0.2, n)[0].backward()
+    torch.testing.assert_close(logp.grad, full_grad)
+
+
+def test_kl_estimators_and_adaptive_controller():
+    torch.manual_seed(3)
+    logits, ref_logits = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    tokens = torch.randint(0, 11, (3, 5))
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(train_ppo.kl_penalty(logp, ref_logp, "k1"), logp - ref_logp)
+    k3 = train_ppo.kl_penalty(logp, ref_logp, "k3")
+    assert (k3 >= 0).all(), "k3 is non-negative by construction"
+    torch.testing.assert_close(k3, (ref_logp - logp).exp() - 1 - (ref_logp - logp))
+    # Ziegler et al.: the error is clipped to +-0.2 and scaled by n_steps / horizon
+    assert train_ppo.adaptive_kl_coef(0.1, 100.0, 1.0, 1000, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert train_ppo.adaptive_kl_coef(0.1, 0.0, 1.0, 1000, 100) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+    assert train_ppo.adaptive_kl_coef(0.1, 1.1, 1.0, 1000, 100) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+
+
+def test_logprob_recomputation_matches_sampling():
+    tok = get_tokenizer("nanopost")
+    torch.manual_seed(4)
+    model = build_model(dict(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompts = ["Write an addition that equals 12.", "Make 40 by adding two numbers.", "hi"]
+    for T in (1.0, 0.7):
+        ro = rollout(model, tok, prompts, 10, temperature=T, generator=torch.Generator().manual_seed(0))
+        P = ro.prompt_len
+        with torch.no_grad():
+            (logp, ent), _ = train_ppo.response_logprobs(model, ro.tokens, ro.mask, P, T, return_entropy=True)
+        m = ro.response_mask[:, P:]
+        assert m.any()
+        torch.testing.assert_close(logp[m], ro.logprobs[m], atol=1e-5, rtol=1e-5)
+        assert (ent[m] > 0).all()
+
+
+def test_reward_fn_errors_name_the_prompt():
+    prompts, responses, ended = ["p one", "p two", "p three"], ["a", "b", "c"], [True, True, False]
+
+    def raises_on_two(ps, rs, es):
+        if "p two" in ps:
+            raise KeyError("boom")
+        return [1.0] * len(ps)
+
+    with pytest.raises(ValueError, match="p two"):
+        train_ppo.score_responses(raises_on_two, prompts, responses, ended)
+    with pytest.raises(ValueError, match="p three"):
+        train_ppo.score_responses(lambda ps, rs, es: [0.0, 1.0, float("nan")], prompts, responses, ended)
+    with pytest.raises(ValueError, match="2 scores for 3 responses.*p one"):
+        train_ppo.score_responses(lambda ps, rs, es: [0.0, 1.0], prompts, responses, ended)
+    assert train_ppo.score_responses(lambda ps, rs, es: [0, 1, 2], prompts, responses, ended) == [0.0, 1.0, 2.0]
+
+
+# -----------------------------------------------------------------------------
+# the real script
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt.pt")
+
+
+def test_smoke_and_exact_resume(tiny_ckpt, tmp_path):
+    # full-vocab KL, adaptive controller and reward whitening on, so their state is part of what must resume
+    knobs = TINY + [f"--init_from={tiny_ckpt}", "--kl_estimator=full", "--adaptive_kl=true", "--kl_target=0.01",
+                    "--kl_horizon=100", "--whiten_rewards=true", "--missing_eos_penalty=0.5", "--ent_coef=0.01",
+                    "--eval_interval=2", "--ckpt_interval=0"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    proc = run_script(knobs + [f"--out_dir={straight}", "--max_iters=4"])
+    assert "iter 4/4" in proc.stdout and "eval before -> after" in proc.stdout
+    recs = train_records(straight)
+    assert [r["iter"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        for key in ("score", "kl", "kl_full", "entropy", "approx_kl", "clipfrac", "ratio_mean", "ratio_var",
+                    "pg_loss", "v_loss", "explained_var", "resp_len", "ended", "kl_coef", "logprob_diff"):
+            assert math.isfinite(r[key]), f"{key} = {r[key]} at iter {r['iter']}"
+        assert r["n_responses"] == 8 and r["logprob_diff"] < 1e-4
+    assert recs[1]["kl_coef"] != recs[0]["kl_coef"], "the adaptive controller never moved"
+    # the checkpoint loads like any other nanopost checkpoint
+    model, ckpt = load_model(os.path.join(straight, "ckpt.pt"))
+    assert ckpt["step"] == 4 and "value_model" in ckpt and "ref_model" in ckpt
+
+    run_script(knobs + [f"--out_dir={split}", "--max_iters=2"])
+    run_script(knobs + [f"--out_dir={split}", "--max_iters=4"] + ["--init_from=resume"])
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}
+    assert [strip(r) for r in train_records(split)] == [strip(r) for r in recs]
+    resumed = torch.load(os.path.join(split, "ckpt.pt"), weights_only=False)
+    for key in ("model", "value_model"):
+        for name, w in ckpt[key].items():
+            torch.testing.assert_close(resumed[key][name], w, rtol=0, atol=0, msg=f"{key}.{name}")
+    assert resumed["kl_coef"] == ckpt["kl_coef"]
+
+
+def test_ddp_two_processes(tiny_ckpt, tmp_path):
+    # Compared: both ranks finish with identical policy and value weights (train_ppo asserts it after every
+    # update), and the logged aggregates cover the global batch of 8 responses, 4 sampled per rank. The
+    # gradient identity DDP relies on is test_global_token_count_makes_split_batches_equal_one_batch.
+    out = str(tmp_path / "ddp")
+    proc = run_script(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=2"], nproc=2)
+    assert "2 rank(s) | 4 prompts/rank/iter" in proc.stdout
+    recs = train_records(out)
+    assert [r["iter"] for r in recs] == [1, 2] and all(r["n_responses"] == 8 for r in recs)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["step"] == 2 and len(ckpt["rank_rng"]) == 2
+
+
+def test_reward_fn_raising_stops_the_run(tiny_ckpt, tmp_path):
+    (tmp_path / "bad_reward.py").write_text(textwrap.dedent("""
+        def reward(prompts, responses):
+            for p in prompts:
+                if p.endswith("equals 13."):
+                    raise ZeroDivisionError("cannot score this one")
+            return [0.0] * len(prompts)
+    """))
+    # a prompts file whose batch must contain the failing prompt
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(dict(prompt=f"Write an addition that equals {n}.")) + "\n"
+                               for n in range(11, 19)))
+    proc = run_script(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'bad'}", "--max_iters=1",
+                              f"--reward_fn={tmp_path / 'bad_reward.py'}:reward", f"--prompts={prompts}"],
+                      check=False)
+    assert proc.returncode != 0
+    assert "ZeroDivisionError" in proc.stderr and "'Write an addition that equals 13.'" in proc.stderr
+
+
+def test_non_finite_loss_stops_naming_the_iteration(tiny_ckpt, tmp_path):
+    # 1e30 is finite for the reward check, but its square overflows float32 in the value loss
+    (tmp_path / "huge_reward.py").write_text("def reward(prompts, responses):\n    return [1e30] * len(prompts)\n")
+    proc = run_script(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'nan'}", "--max_iters=2",
+                              f"--reward_fn={tmp_path / 'huge_reward.py'}:reward"], check=False)
+    assert proc.returncode != 0
+    assert "iteration 1: non-finite loss" in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "nan" / "ckpt.pt"), "a diverged run must not write a checkpoint"
