@@ -1,0 +1,454 @@
+"""
+Pretraining and supervised fine-tuning (SFT) of a tiny GPT in one hand-written loop.
+
+Both stages minimize next-token cross-entropy; they differ only in which tokens count:
+  --data=pretrain   every token of the built-in corpus (world.pretrain docs joined by <|endoftext|>,
+                    random block_size windows), from scratch -> a base model
+  --data=sft        only the response tokens of the built-in demonstrations (world.sft_train); prompt
+                    tokens and padding get target -100 (ignore_index), as in InstructGPT's SFT stage
+  --data=FILE.jsonl the same with your own {"prompt","completion"} or {"messages": [...]} lines
+                    (nanopost.data.load_sft_jsonl; the last 10% of the file is held out for the val loss)
+
+The default pipeline (CPU, 2 cores, ~1M-parameter model; see the README for the numbers we measured):
+
+    python train_sft.py --data=pretrain --out_dir=out/base
+    python train_sft.py --data=sft --init_from=out/base/ckpt.pt --out_dir=out/sft
+
+More GPUs: torchrun --standalone --nproc_per_node=8 train_sft.py --data=sft --init_from=... --out_dir=...
+Resume a run:  the same command with --init_from=resume (max_iters may be raised; the other flags must match).
+Any knob: --key=value (python train_sft.py --help lists them all).
+
+What happens, top to bottom: config -> distributed setup -> data -> model (scratch / checkpoint / resume)
+-> optimizer -> eval helpers -> the loop (lr schedule, grad accumulation, clipping, logging, eval + checkpoint).
+
+Deliberate choices and deviations:
+- out_dir, max_iters, batch_size and learning_rate default to ""/-1, meaning "the stage default" in
+  STAGE_DEFAULTS below: pretraining from scratch wants more steps and a larger learning rate than fine-tuning.
+- Batches are sampled with replacement from an RNG seeded by (seed, step), not by walking epochs: a resumed
+  run then draws exactly the batches the uninterrupted run would have, with no iterator state to save.
+- batch_size is the global batch per micro-step (over all ranks); each rank takes its slice. The loss of a step is
+  the sum over all its loss tokens (every rank, every micro-step) divided by their total count, and the
+  gradients are all-reduced by hand, so N processes compute the same update as 1 process with the same batch
+  (up to float summation order). Sequences with more response tokens weigh more (a per-token mean, not a
+  per-example mean).
+- An example longer than the context keeps its whole prompt and a truncated response (losing its
+  <|endoftext|>); an example whose prompt alone fills the context is dropped. Both are counted and printed.
+- sft_kl_coef > 0 adds coef * KL(policy || initial model) per loss token (kernels.token_kl), a cheap anchor
+  against forgetting; the frozen copy is stored in the checkpoint so a resumed run anchors to the same model.
+- A non-finite loss or gradient norm (try --learning_rate=1e30) stops the run with a message naming the step
+  and a non-zero exit, before the optimizer step and without writing the checkpoint, so out_dir/ckpt.pt still
+  holds the last good model. Eval also refuses to save a model whose validation loss is non-finite.
+- bf16 autocast and torch.compile are used on CUDA only; on CPU the loop is plain float32 eager torch.
+- Evaluation (rank 0, every eval_interval steps, before the first step and at the end): val loss, held-out loss
+  per pretraining skill (forgetting) and the verifier's accuracy on sampled answers to held-out task prompts.
+  The task eval is skipped for a scratch model at step 0 (it scores 0 and every sample runs to the length limit).
+"""
+
+import contextlib
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.distributed
+
+import kernels
+from nanopost.common import (append_jsonl, build_model, format_eta, get_rng_state, knob, load_model, parse_config,
+                             print0, resolve_device, save_checkpoint, set_rng_state, setup_ddp)
+from nanopost.data import load_sft_jsonl
+from nanopost.evaluate import heldout_losses, spread, task_eval
+from nanopost.model import GPTConfig
+from nanopost.tokenizer import get_tokenizer
+from nanopost.world import encode_doc, load_world
+
+IGNORE = -100  # kernels.cross_entropy's ignore_index: targets we do not learn from (prompt tokens, padding)
+TASK_SHOWN = ("accuracy", "ended", "well_formed", "distinct_valid")  # of task_eval's metrics; log.jsonl has all
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    # run
+    out_dir: str = knob("", "where ckpt.pt and log.jsonl go; empty = stage default (out/base or out/sft)")
+    init_from: str = knob("scratch", "scratch | resume (out_dir/ckpt.pt) | path to a ckpt.pt to start from")
+    data: str = knob("sft", "pretrain (built-in corpus) | sft (built-in demonstrations) | path to an SFT JSONL")
+    seed: int = knob(1337, "seeds the model init and the batch sampling")
+    world_seed: int = knob(0, "which built-in task world (nanopost.world.load_world)")
+    tokenizer: str = knob("nanopost", "tokenizer for a scratch model; a checkpoint brings its own")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = knob("bfloat16", "autocast dtype on CUDA: bfloat16 | float32 (CPU always trains in float32)")
+    compile: bool = knob(True, "torch.compile the model (CUDA only)")
+    # optimization
+    max_iters: int = knob(-1, "optimizer steps; -1 = stage default (STAGE_DEFAULTS)")
+    batch_size: int = knob(-1, "sequences per micro-step, summed over all ranks; -1 = stage default")
+    grad_accum: int = knob(1, "micro-steps per optimizer step")
+    learning_rate: float = knob(-1.0, "peak AdamW learning rate; -1 = stage default")
+    min_lr: float = knob(-1.0, "floor of the cosine decay; -1 = learning_rate / 10")
+    warmup_iters: int = knob(20, "linear warmup steps from 0 to learning_rate")
+    lr_decay: bool = knob(True, "cosine decay to min_lr after warmup (else constant)")
+    lr_decay_iters: int = knob(-1, "step at which the cosine reaches min_lr; -1 = max_iters")
+    weight_decay: float = knob(0.1, "AdamW decoupled weight decay, on 2-D weights only")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.95, "AdamW beta2 (0.95: steadier than 0.999 at small batch, as in GPT-3)")
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 = off")
+    sft_kl_coef: float = knob(0.0, "weight of KL(model || initial model) per loss token; 0 = off")
+    # model (scratch only; a checkpoint brings its own shape)
+    n_layer: int = knob(GPTConfig.n_layer, "transformer blocks")
+    n_head: int = knob(GPTConfig.n_head, "attention heads")
+    n_embd: int = knob(GPTConfig.n_embd, "embedding width")
+    block_size: int = knob(GPTConfig.block_size, "context length in tokens")
+    dropout: float = knob(GPTConfig.dropout, "dropout probability (0: too few steps to overfit)")
+    # logging and evaluation
+    log_interval: int = knob(10, "print and log the training loss every this many steps")
+    eval_interval: int = knob(250, "evaluate and save the checkpoint every this many steps (and at the end)")
+    eval_examples: int = knob(64, "val examples (sft) or block_size windows (pretrain) for the val loss")
+    heldout_docs: int = knob(64, "held-out docs per pretraining skill for the forgetting losses")
+    eval_prompts: int = knob(64, "held-out task prompts (spread over all) sampled, scored by the verifier; 0 = off")
+    eval_temperature: float = knob(1.0, "sampling temperature for the task eval")
+    eval_max_new_tokens: int = knob(32, "response length limit for the task eval")
+
+
+# knobs left at -1 (or "") take these. Tuned so the two default commands run in under 6 minutes on 2 CPU cores.
+STAGE_DEFAULTS = {
+    "pretrain": dict(out_dir="out/base", max_iters=600, batch_size=32, learning_rate=2e-3),
+    "sft": dict(out_dir="out/sft", max_iters=150, batch_size=32, learning_rate=5e-4),
+}
+
+# ----------------------------------------------------------------------------------------------------------------
+# batches: pure functions, imported by the tests
+
+
+def sft_example(tok, prompt, completion, block_size):
+    """Tokens of one chat example as (x, y, truncated), or None when the prompt alone fills the context.
+
+    x = <|user|> prompt <|assistant|> response (without its last token), y = x shifted by one with every
+    position that predicts a prompt token set to IGNORE, so only the response (and its <|endoftext|>) is learned.
+    """
+    p = tok.encode_prompt(prompt)
+    r = tok.encode_response(completion)
+    if len(p) > block_size:
+        return None
+    keep = block_size + 1 - len(p)  # >= 1: x holds len(p) + len(r) - 1 tokens
+    truncated = len(r) > keep
+    r = r[:keep]
+    x = p + r[:-1]
+    y = [IGNORE] * (len(p) - 1) + r  # y[len(p)-1] is predicted from <|assistant|>: the first response token
+    assert len(x) == len(y) <= block_size, (len(x), len(y), block_size)
+    return x, y, truncated
+
+
+def collate(examples, pad_id):
+    """Right-pad a list of (x, y) to the longest: X with pad_id, Y with IGNORE. -> X, Y (B, T) long.
+
+    No attention mask is needed for right padding: attention is causal, so a real token never sees the pads
+    after it, and positions 0..len-1 are the same with or without them.
+    """
+    T = max(len(x) for x, _ in examples)
+    X = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
+    Y = torch.full((len(examples), T), IGNORE, dtype=torch.long)  # (B, T)
+    for i, (x, y) in enumerate(examples):
+        X[i, : len(x)] = torch.tensor(x)
+        Y[i, : len(y)] = torch.tensor(y)
+    return X, Y
+
+
+def windows(stream, starts, block_size):
+    """Pretraining batch: X = stream[s : s+T], Y = stream[s+1 : s+T+1] for each start s. -> (B, T) long each."""
+    idx = torch.as_tensor(starts, dtype=torch.long)[:, None] + torch.arange(block_size)  # (B, T)
+    return stream[idx], stream[idx + 1]
+
+
+def sample_batch(stage, step, seed, n, block_size, stream=None, examples=None, pad_id=0):
+    """The global batch of n sequences for optimizer step `step`: a pure function of (seed, step), which is what
+    makes resume exact and lets every rank agree on the batch without communicating."""
+    rng = np.random.default_rng([seed, step])
+    if stage == "pretrain":
+        return windows(stream, rng.integers(0, len(stream) - block_size - 1, size=n), block_size)
+    return collate([examples[i] for i in rng.integers(0, len(examples), size=n)], pad_id)
+
+
+def lr_at(step, lr, min_lr, warmup_iters, decay_iters, decay):
+    """Linear warmup to lr, then a cosine to min_lr at decay_iters (Loshchilov & Hutter, SGDR), flat after."""
+    if step <= warmup_iters:
+        return lr * step / max(warmup_iters, 1)
+    if not decay:
+        return lr
+    if step >= decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(decay_iters - warmup_iters, 1)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def main(argv):
+    cfg = parse_config(Config, argv)
+    stage = "pretrain" if cfg.data == "pretrain" else "sft"
+    # resolve the stage defaults now, so the config saved in the checkpoint holds the values actually used
+    cfg = replace(cfg, **{k: v for k, v in STAGE_DEFAULTS[stage].items() if getattr(cfg, k) in (-1, "")})
+    if cfg.min_lr < 0:
+        cfg = replace(cfg, min_lr=cfg.learning_rate / 10)
+    if cfg.lr_decay_iters < 0:
+        cfg = replace(cfg, lr_decay_iters=cfg.max_iters)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # distributed setup and device
+
+    device = resolve_device(cfg.device)
+    dist = setup_ddp(device)
+    if cfg.batch_size % dist.world_size != 0:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {dist.world_size} processes")
+    if dist.ddp and device.startswith("cuda"):
+        device = f"cuda:{dist.local_rank}"  # setup_ddp already made it the current device
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+, loss unaffected here
+        torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = device_type == "cuda" and cfg.dtype == "bfloat16"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    # the same seed on every rank: the scratch init must be identical everywhere (we never broadcast weights)
+    torch.manual_seed(cfg.seed)
+    if dist.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # model: from scratch, from a checkpoint (e.g. the base model for SFT), or resume this run
+
+    ckpt = None
+    if cfg.init_from == "scratch":
+        tok = get_tokenizer(cfg.tokenizer)
+        model_args = asdict(GPTConfig(block_size=cfg.block_size, vocab_size=tok.vocab_size, n_layer=cfg.n_layer,
+                                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+        model = build_model(model_args)
+    else:
+        path = ckpt_path if cfg.init_from == "resume" else cfg.init_from
+        model, ckpt = load_model(path, "cpu")
+        model_args = ckpt["model_args"]
+        tok = get_tokenizer(ckpt.get("tokenizer", cfg.tokenizer))
+        if model_args["vocab_size"] < tok.vocab_size:  # e.g. a checkpoint from before the BPE was retrained
+            raise ValueError(f"{path}: the model has {model_args['vocab_size']} token embeddings but tokenizer "
+                             f"{tok.name!r} has {tok.vocab_size} tokens")
+        print0(f"loaded {path} (step {ckpt.get('step')}); its shape overrides n_layer/n_head/n_embd/block_size")
+    model.to(device)
+    block_size = model_args["block_size"]
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters | {model_args}")
+
+    # frozen initial model for the KL anchor; resume restores the one saved with the run, not the current weights
+    ref_model = None
+    if cfg.sft_kl_coef > 0:
+        ref_model = copy.deepcopy(model)
+        if cfg.init_from == "resume":
+            assert "ref_model" in ckpt, "resuming with sft_kl_coef > 0 needs a checkpoint saved with the KL anchor"
+            ref_model.load_state_dict(ckpt["ref_model"])
+        ref_model.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # data
+
+    world = load_world(seed=cfg.world_seed)
+    eval_prompts = spread(world.eval_prompts, cfg.eval_prompts)  # every phrasing, not only the first
+    stream = val_stream = train_examples = val_examples = None
+    if stage == "pretrain":
+        # every skill's docs, each ending in <|endoftext|>, as one stream: windows cross doc boundaries like GPT-2's
+        stream = torch.tensor([t for s in world.skills for d in world.pretrain[s] for t in encode_doc(tok, d)])
+        val_stream = torch.tensor([t for s in world.skills for d in world.heldout[s] for t in encode_doc(tok, d)])
+        for name, s in (("pretrain", stream), ("held-out", val_stream)):
+            if len(s) <= block_size + 1:
+                raise ValueError(f"the {name} stream has {len(s)} tokens, fewer than block_size+2={block_size + 2}")
+        print0(f"data: pretrain stream {len(stream):,} tokens | held-out {len(val_stream):,} tokens")
+    else:
+        if cfg.data == "sft":
+            train_raw, val_raw = world.sft_train, world.sft_val
+        else:
+            raw = load_sft_jsonl(cfg.data)  # ValueError("path:LINE: ...") on a bad line
+            # hold out the last 10% as validation; a tiny file validates on its training examples
+            n_val = len(raw) // 10
+            train_raw, val_raw = (raw[:-n_val], raw[-n_val:]) if n_val > 0 else (raw, raw)
+        for split, raw in (("train", train_raw), ("val", val_raw)):
+            made = [sft_example(tok, ex["prompt"], ex["completion"], block_size) for ex in raw]
+            kept = [(x, y) for x, y, _ in (m for m in made if m is not None)]
+            n_trunc = sum(1 for m in made if m is not None and m[2])
+            print0(f"data: sft {split} {len(kept)} examples | {n_trunc} responses truncated to block_size={block_size}"
+                   f" | {len(made) - len(kept)} dropped (prompt alone fills the context)")
+            if not kept:
+                raise ValueError(f"{cfg.data}: no {split} example fits in block_size={block_size}")
+            if split == "train":
+                train_examples = kept
+            else:
+                val_examples = kept
+
+    def get_batch(step):
+        """-> X, Y (B, T) for this rank, as a list of grad_accum micro-batches, and the global loss-token count."""
+        X, Y = sample_batch(stage, step, cfg.seed, cfg.batch_size * cfg.grad_accum, block_size,
+                            stream=stream, examples=train_examples, pad_id=tok.eot_id)
+        n_tokens = int((Y != IGNORE).sum())  # over all ranks and micro-steps: the divisor of the step's loss
+        b = cfg.batch_size // dist.world_size
+        micro = []
+        for k in range(cfg.grad_accum):
+            lo = k * cfg.batch_size + dist.rank * b  # this rank's slice of micro-batch k
+            micro.append((X[lo:lo + b].to(device), Y[lo:lo + b].to(device)))
+        return micro, n_tokens
+
+    # ------------------------------------------------------------------------------------------------------------
+    # optimizer: AdamW (Loshchilov & Hutter), weight decay on matmul/embedding weights only, not biases or norms
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device_type == "cuda")
+    step = 0
+    if cfg.init_from == "resume":
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"])
+    ckpt = None  # free the loaded tensors
+
+    raw_model = model  # eval, sampling and checkpoints use the uncompiled module
+    if cfg.compile and device_type == "cuda":
+        model = torch.compile(model)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # evaluation (rank 0 only)
+
+    @torch.no_grad()
+    def val_loss():
+        if stage == "pretrain":
+            n = min(cfg.eval_examples, len(val_stream) - block_size - 1)
+            starts = np.linspace(0, len(val_stream) - block_size - 2, n).astype(np.int64)
+            batches = [windows(val_stream, starts[i:i + cfg.batch_size], block_size)
+                       for i in range(0, n, cfg.batch_size)]
+        else:
+            ex = val_examples[:cfg.eval_examples]
+            batches = [collate(ex[i:i + cfg.batch_size], tok.eot_id) for i in range(0, len(ex), cfg.batch_size)]
+        total, count = 0.0, 0
+        for X, Y in batches:
+            with autocast():
+                logits = raw_model(X.to(device))  # (B, T, V)
+            total += float(kernels.cross_entropy(logits.flatten(0, 1), Y.to(device).flatten(), reduction="sum"))
+            count += int((Y != IGNORE).sum())
+        return total / count
+
+    def evaluate(step):
+        raw_model.eval()
+        record = dict(kind="eval", step=step, val_loss=val_loss())
+        with autocast():
+            record["heldout"] = heldout_losses(raw_model, tok, world, device, max_docs=cfg.heldout_docs)
+            # a scratch model at step 0 scores 0 and runs every sample to the length limit: not worth the time
+            if cfg.eval_prompts > 0 and not (step == 0 and cfg.init_from == "scratch"):
+                record["task"] = task_eval(raw_model, tok, world, eval_prompts, k=1,
+                                           temperature=cfg.eval_temperature, max_new_tokens=cfg.eval_max_new_tokens,
+                                           seed=cfg.seed, device=device)
+        raw_model.train()
+        line = f"eval {step}/{cfg.max_iters} | val {record['val_loss']:.4f} | heldout " + " ".join(
+            f"{s} {v:.4f}" for s, v in record["heldout"].items())
+        if "task" in record:
+            line += " | task " + " ".join(f"{k} {record['task'][k]:.3f}" for k in TASK_SHOWN)
+        print(line)
+        append_jsonl(log_path, record)
+        return record
+
+    def save(step):
+        obj = dict(model=raw_model.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(),
+                   config=asdict(cfg), step=step, rng=get_rng_state(), tokenizer=tok.name, stage=stage)
+        if ref_model is not None:
+            obj["ref_model"] = ref_model.state_dict()
+        save_checkpoint(ckpt_path, obj)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # training loop
+
+    first = None  # the eval before training, for the before/after forgetting table
+    if dist.master:
+        if cfg.init_from != "resume" and os.path.exists(log_path):
+            os.remove(log_path)  # a fresh run starts a fresh log; resume appends to it
+        first = evaluate(step)
+    model.train()
+    t_start, step_start = time.time(), step
+    while step < cfg.max_iters:
+        step += 1
+        t0 = time.time()
+        lr = lr_at(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.lr_decay)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        micro, n_tokens = get_batch(step)
+        stats = torch.zeros(2, device=device)  # [sum of CE, sum of KL] over this rank's loss tokens
+        for X, Y in micro:
+            with autocast():
+                logits = model(X)  # (b, T, V)
+            loss_sum = kernels.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum")
+            loss = loss_sum / n_tokens
+            stats[0] += loss_sum.detach()
+            if ref_model is not None:
+                with torch.no_grad(), autocast():
+                    ref_logits = ref_model(X)  # (b, T, V)
+                kl_sum = (kernels.token_kl(logits, ref_logits) * (Y != IGNORE)).sum()  # over loss tokens only
+                loss = loss + cfg.sft_kl_coef * kl_sum / n_tokens
+                stats[1] += kl_sum.detach()
+            loss.backward()
+        if dist.ddp:
+            # each rank's loss is already divided by the global token count, so summing the gradients gives the
+            # gradient of the global mean (DDP's averaging would need a * world_size to undo)
+            for p in params:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+            torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
+        ce, kl = (stats / n_tokens).tolist()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not (math.isfinite(ce) and math.isfinite(kl) and math.isfinite(float(grad_norm))):
+            # stop before the optimizer step: the weights in memory and in ckpt.pt are still the last good ones
+            if dist.master:
+                print(f"error: non-finite loss {ce} (kl {kl}, grad norm {float(grad_norm)}) at step {step}; "
+                      f"{ckpt_path} keeps the last good checkpoint. Try a lower learning_rate.", file=sys.stderr)
+            sys.exit(1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # logging: one line and one JSON record per log_interval steps
+        dt = time.time() - t0
+        tokens_per_step = sum(X.numel() for X, _ in micro) * dist.world_size  # padded tokens processed
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            eta = (time.time() - t_start) / (step - step_start) * (cfg.max_iters - step)
+            line = (f"step {step}/{cfg.max_iters} | loss {ce:.4f} | lr {lr:.1e} | tok/s {tokens_per_step / dt:.0f}"
+                    f" | eta {format_eta(eta)}")
+            if ref_model is not None:
+                line += f" | kl {kl:.4f}"
+            print0(line)
+            if dist.master:
+                append_jsonl(log_path, dict(kind="train", step=step, loss=ce, kl=kl, lr=lr, grad_norm=float(grad_norm),
+                                            tok_per_s=tokens_per_step / dt, eta_s=eta))
+
+        if dist.master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
+            record = evaluate(step)
+            if not math.isfinite(record["val_loss"]):
+                print(f"error: non-finite validation loss at step {step}; not saving, {ckpt_path} keeps the last "
+                      f"good checkpoint", file=sys.stderr)
+                sys.exit(1)
+            save(step)
+            print(f"saved {ckpt_path} at step {step}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # summary: forgetting on each pretraining skill, before vs after this run
+
+    if dist.master and step > step_start:
+        print(f"done in {format_eta(time.time() - t_start)}. held-out loss per pretraining skill (before -> after):")
+        for s, before in first["heldout"].items():
+            print(f"  {s:12s} {before:.4f} -> {record['heldout'][s]:.4f}")
+        if "task" in first and "task" in record:
+            print(f"task accuracy on {len(eval_prompts)} held-out prompts: {first['task']['accuracy']:.3f} -> "
+                  f"{record['task']['accuracy']:.3f}")
+    if dist.ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
