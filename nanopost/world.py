@@ -26,7 +26,7 @@ never shares a document with train:
 
 The NEW task (never in pretraining): "Write an addition that equals N." (and two other phrasings, TASK_PHRASINGS),
 N in 10..99. Any "a+b=N" with non-negative a, b written without leading zeros is valid: N+1 valid answers.
-  - N with N % 5 == 0 are held out: they appear only in w.eval_prompts (generalization to unseen targets).
+  - a seeded random 20% of the N's are held out: they appear only in w.eval_prompts (unseen targets).
   - w.sft_train: the NARROW demonstrator, always "{N}+0={N}", on phrasings 0 and 1 of the training N's: one
     answer in one style out of N+1 valid ones, and one SFT can fit exactly, also for the held-out N's.
   - w.sft_val: the same demonstrator on phrasing 2 (held out from SFT) of the training N's, so SFT never sees
@@ -58,7 +58,9 @@ N_TRAIN_DOCS = dict(facts=4000, arithmetic=3000, stories=2400, chat=6000)
 N_HELDOUT_DOCS = 200      # per skill: enough for a stable mean loss, cheap to evaluate on CPU
 N_ARITH_PROBES = 200      # greedy probes on held-out equations (100 additions, 100 subtractions)
 TASK_MIN_N, TASK_MAX_N = 10, 99
-EVAL_EVERY = 5            # N % 5 == 0 -> eval-only target
+# a random fifth of the targets is eval-only. Not N % 5 == 0: then no training answer ever ends in 0 or 5, and a
+# small model that learned to copy N still never writes those digits there (0% on every held-out prompt)
+EVAL_FRAC = 0.2
 
 # The new task's phrasings. The verifier parses N from any of them; none of them appears in pretraining.
 TASK_PHRASINGS = (
@@ -387,8 +389,11 @@ class World:
 
     def _build_task(self):
         all_n = range(TASK_MIN_N, TASK_MAX_N + 1)
-        self.train_targets = [n for n in all_n if n % EVAL_EVERY != 0]
-        self.eval_targets = [n for n in all_n if n % EVAL_EVERY == 0]
+        shuffled = list(all_n)
+        _rng(self.seed, "targets").shuffle(shuffled)
+        n_eval = int(len(shuffled) * EVAL_FRAC)
+        self.eval_targets = sorted(shuffled[:n_eval])
+        self.train_targets = sorted(shuffled[n_eval:])
         self.sft_train = [dict(prompt=task_prompt(n, ph), completion=demonstrate(task_prompt(n, ph)))
                           for ph in SFT_TRAIN_PHRASINGS for n in self.train_targets]
         val_phrasings = [ph for ph in range(len(TASK_PHRASINGS)) if ph not in SFT_TRAIN_PHRASINGS]
