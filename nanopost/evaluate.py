@@ -1,0 +1,402 @@
+"""
+Evaluation: what a post-trained checkpoint gained on the new task, what it lost from pretraining, and how far
+it moved from the base model.
+
+    python -m nanopost.evaluate --base=out/base/ckpt.pt out/s0/sft/ckpt.pt out/s0/ppo/ckpt.pt
+
+prints one row per checkpoint (the base first). Everything is computed on held-out data with a fixed seed, so
+two runs of the command print the same numbers. Cost with the defaults (k=8 samples on 24 prompts, 64 held-out
+docs per skill, 64 probes per skill), measured on a shared 2-core CPU: ~20 s per checkpoint, two thirds of it
+sampling and the two forward passes for entropy and KL.
+
+The metrics, and the choices behind them:
+- new task: verifier accuracy over k samples per held-out prompt (world.eval_prompts). A sample counts as
+  correct when the verifier says it is valid AND it ended with <|endoftext|>; a truncated answer is not an answer.
+  pass@k = fraction of prompts with at least one correct sample among the k.
+- diversity: distinct valid answers per prompt among its k samples (the paper's worry: SFT on a narrow
+  demonstrator collapses onto one answer); distinct-1/2 (Li et al. 2016) over RESPONSE TOKEN ids (the
+  tokenizer's tokens, <|endoftext|> excluded), computed over the k responses to one prompt and averaged over
+  prompts, so it measures how different the samples for the same prompt are, not how different the prompts are;
+  mean per-token entropy (nats) of pi at the sampled response positions.
+- forgetting: mean per-token cross-entropy on world.heldout[skill] (documents never trained on), and greedy
+  accuracy on world.probes[skill], each reported as the change from the base model.
+- distance: forward KL(pi_base || pi) per response token, on responses sampled from pi for the held-out prompts,
+  averaged over response tokens. "RL's Razor" (Shenfeld, Pari & Agrawal 2025) finds that forgetting tracks
+  exactly this quantity, measured on the new task's distribution.
+Entropy and KL are taken at temperature 1 (the policy itself), whatever temperature the samples were drawn at.
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from nanopost.common import knob, load_model, parse_config, resolve_device
+from nanopost.rollout import rollout
+from nanopost.tokenizer import get_tokenizer
+from nanopost.world import encode_doc, load_world
+
+# rows per forward pass: the (rows, T, V) fp32 logits dominate memory; 32 x 128 x 4k x 4 B = 64 MB
+EVAL_BATCH = 32
+# rows per rollout: sampling is one small forward per token, so on CPU per-step overhead dominates and bigger
+# batches are cheaper per row (measured, 256 samples of 32 tokens, 2 cores: 27 s in batches of 32, 11 s of 128,
+# 8 s of 256); the KV cache is only (L, 2, B, T, C) = 4 x 2 x 256 x 64 x 128 x 4 B = 67 MB
+ROLLOUT_BATCH = 256
+
+
+class _eval_mode:
+    """Put a model in eval mode for a block and give it back in whatever mode it was in (training loops call us)."""
+
+    def __init__(self, *models):
+        self.models = [m for m in models if m is not None]
+
+    def __enter__(self):
+        self.was_training = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in zip(self.models, self.was_training):
+            m.train(mode)
+        return False
+
+
+# -----------------------------------------------------------------------------
+# diversity helpers (pure python, tested on fixed lists)
+
+def distinct_n(seqs, n):
+    """Unique n-grams / total n-grams over a list of token sequences (Li et al. 2016). 0.0 when there are none."""
+    grams = [tuple(s[i:i + n]) for s in seqs for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def spread(xs, n):
+    """n items of xs evenly spaced over the whole list (all of xs when n >= len): covers every phrasing, every
+    probe kind, instead of the first n of one kind."""
+    xs = list(xs)
+    if n >= len(xs):
+        return xs
+    return [xs[(i * len(xs)) // n] for i in range(n)]
+
+
+def completion_matches(generated, expected):
+    """Greedy completion is right when it starts with the expected text and the word ends there
+    ("42" must not match "425"); leading whitespace is ignored on both sides."""
+    g, e = generated.lstrip(), expected.strip()
+    return g.startswith(e) and (len(g) == len(e) or not g[len(e)].isalnum())
+
+
+def distinct_answers(verdicts):
+    """Number of different answers among the correct samples of one prompt."""
+    return len({v["answer"] for v in verdicts if v["correct"]})
+
+
+# -----------------------------------------------------------------------------
+# forgetting: held-out pretraining loss and probe accuracy
+
+@torch.no_grad()
+def heldout_losses(model, tok, world, device, max_docs=64):
+    """
+    {skill: mean per-token cross-entropy (nats) on the first max_docs documents of world.heldout[skill]}.
+    Each document is preceded by <|endoftext|>, as in the pretraining stream, so every one of its tokens
+    (chat-format ones included, the way pretraining sees them) is predicted; tokens are weighted equally across
+    documents (sum of losses / number of tokens). Documents longer than the context are cut to fit.
+    """
+    out = {}
+    T_max = model.config.block_size
+    with _eval_mode(model):
+        for skill in world.skills:
+            docs = [([tok.eot_id] + encode_doc(tok, d))[:T_max + 1] for d in world.heldout[skill][:max_docs]]
+            docs = [d for d in docs if len(d) >= 2]
+            assert docs, f"world.heldout[{skill!r}] has no document with 2 or more tokens"
+            docs.sort(key=len)  # similar lengths in one batch -> little padding
+            total, count = 0.0, 0
+            for i in range(0, len(docs), EVAL_BATCH):
+                batch = docs[i:i + EVAL_BATCH]
+                T = max(len(d) for d in batch) - 1
+                x = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T) right-padded inputs
+                y = torch.full((len(batch), T), -100, dtype=torch.long)  # (B, T) targets, -100 = pad
+                m = torch.zeros(len(batch), T, dtype=torch.bool)  # (B, T) attention mask
+                for b, d in enumerate(batch):
+                    x[b, :len(d) - 1] = torch.tensor(d[:-1])
+                    y[b, :len(d) - 1] = torch.tensor(d[1:])
+                    m[b, :len(d) - 1] = True
+                x, y, m = x.to(device), y.to(device), m.to(device)
+                logits = model(x, attention_mask=m)  # (B, T, V)
+                loss = kernels.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+                total += loss.item()
+                count += int((y != -100).sum())
+            out[skill] = total / count
+    return out
+
+
+@torch.no_grad()
+def probe_accuracy(model, tok, world, device, max_probes=64):
+    """
+    {skill: fraction of world.probes[skill] whose greedy completion starts with the expected completion}.
+    Probes are plain pretraining text (not chat format), so they go through model.generate, not rollout.
+    eos_id = <|endoftext|>: a model that ends the document right away has answered nothing.
+    At most max_probes per skill, evenly spread over the list. Skills without probes are left out.
+    """
+    out = {}
+    probes_by_skill = getattr(world, "probes", {}) or {}
+    with _eval_mode(model):
+        for skill, probes in probes_by_skill.items():
+            probes = spread(probes, max_probes)
+            if not probes:
+                continue
+            correct = 0
+            for i in range(0, len(probes), ROLLOUT_BATCH):
+                batch = probes[i:i + ROLLOUT_BATCH]
+                # a probe starts a document, and in the pretraining stream every document follows <|endoftext|>
+                prompts = [[tok.eot_id] + tok.encode(p) for p, _ in batch]
+                # +2 tokens of slack: the expected text may tokenize differently after the prompt's last token
+                n_new = max(len(tok.encode(e)) for _, e in batch) + 2
+                n_new = min(n_new, model.config.block_size - max(len(p) for p in prompts))
+                assert n_new > 0, f"probe prompt of skill {skill!r} does not fit the context"
+                tokens, mask, _ = model.generate(prompts, n_new, temperature=0.0, eos_id=tok.eot_id)
+                P = tokens.size(1) - n_new
+                for b, (_, expected) in enumerate(batch):
+                    gen = [t for t, keep in zip(tokens[b, P:].tolist(), mask[b, P:].tolist())
+                           if keep and t != tok.eot_id]
+                    correct += completion_matches(tok.decode(gen), expected)
+            out[skill] = correct / len(probes)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# new task: sampling, verifier, diversity, entropy and KL to the base model
+
+@torch.no_grad()
+def response_stats(model, ro, base_model=None):
+    """
+    Per-token entropy of pi and forward KL(pi_base || pi) at the response positions of a rollout.
+    Returns (entropy_sum, kl_sum or None, n_tokens): sums, so batches can be pooled exactly.
+    """
+    P = ro.prompt_len
+    # rows stop at eos, so the last columns are often pads in every row: drop them before the forward passes
+    T = int(ro.mask.any(0).nonzero().max()) + 1
+    ent_sum, kl_sum, n_tok = 0.0, 0.0, 0
+    for i in range(0, ro.tokens.size(0), EVAL_BATCH):
+        tokens, mask = ro.tokens[i:i + EVAL_BATCH, :T], ro.mask[i:i + EVAL_BATCH, :T]  # (b, T)
+        resp = tokens[:, P:]  # (b, T-P) sampled tokens
+        rmask = ro.response_mask[i:i + EVAL_BATCH, P:T]  # (b, T-P) True for sampled tokens incl. eos
+        # logits at column t predict token t+1, so the response token at column P+j comes from logits[:, P+j-1]
+        logits = model(tokens, attention_mask=mask)[:, P - 1:-1].float()  # (b, T-P, V)
+        _, ent = kernels.token_logprobs(logits, resp, return_entropy=True)  # (b, T-P)
+        ent_sum += ent[rmask].sum().item()
+        n_tok += int(rmask.sum())
+        if base_model is not None:
+            base_logits = base_model(tokens, attention_mask=mask)[:, P - 1:-1].float()  # (b, T-P, V)
+            kl = kernels.token_kl(base_logits, logits)  # (b, T-P) KL(pi_base || pi), the paper's forward KL
+            kl_sum += kl[rmask].sum().item()
+    return ent_sum, (kl_sum if base_model is not None else None), n_tok
+
+
+def score_samples(world, prompts, responses, ended, k, response_tokens=None):
+    """
+    Verifier and diversity metrics of k samples per prompt, from the samples alone (no model).
+    prompts/responses/ended: flat lists, the k samples of prompt i at positions i*k .. i*k+k-1.
+    response_tokens: the responses' token ids without <|endoftext|>, for distinct-1/2 (left out when None).
+    Returns (metrics dict, per-sample verdicts).
+    """
+    n = len(responses)
+    assert len(prompts) == n == len(ended) and n % k == 0, f"{len(prompts)} prompts, {n} responses, k={k}"
+    verdicts = []
+    for p, r, e in zip(prompts, responses, ended):
+        v = dict(world.verify(p, r, bool(e)))
+        v["correct"] = bool(v["valid"]) and bool(e)  # a truncated answer is not an answer
+        v["reward"] = float(world.score(p, r, bool(e)))
+        verdicts.append(v)
+    groups = [range(j, j + k) for j in range(0, n, k)]
+    out = dict(
+        accuracy=sum(v["correct"] for v in verdicts) / n,
+        pass_at_k=sum(any(verdicts[j]["correct"] for j in g) for g in groups) / len(groups),
+        ended=sum(bool(e) for e in ended) / n,
+        well_formed=sum(bool(v["well_formed"]) for v in verdicts) / n,
+        reward=sum(v["reward"] for v in verdicts) / n,
+        distinct_valid=sum(distinct_answers([verdicts[j] for j in g]) for g in groups) / len(groups),
+    )
+    if response_tokens is not None:
+        for n_ in (1, 2):
+            out[f"distinct_{n_}"] = sum(distinct_n([response_tokens[j] for j in g], n_) for g in groups) / len(groups)
+    return out, verdicts
+
+
+@torch.no_grad()
+def task_eval(model, tok, world, prompts, k=1, temperature=1.0, max_new_tokens=32, seed=0, device="cpu",
+              base_model=None, top_k=None, n_show=0):
+    """
+    Sample k responses per prompt, score them with world.verify, and measure their diversity.
+
+    Returns dict of floats: accuracy (mean over all samples of valid-and-ended), pass_at_k, ended, well_formed,
+    reward (mean world.score), distinct_valid (distinct correct answers per prompt, mean over prompts),
+    distinct_1, distinct_2 (token-level, per prompt over its k samples, mean over prompts), entropy (nats per
+    response token), resp_len (tokens), and kl_base (KL(pi_base || pi) per response token) when base_model is
+    given. With n_show > 0 it also returns "samples": the first n_show (prompt, response, verdict) triples.
+    Deterministic: a torch.Generator seeded with `seed` drives all sampling.
+    """
+    if k < 1:
+        raise ValueError(f"task_eval: k must be >= 1, got {k}")
+    if not prompts:
+        raise ValueError("task_eval: empty prompt list")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    flat = [p for p in prompts for _ in range(k)]  # prompt i owns rows i*k .. i*k+k-1
+    responses, ended, resp_tokens = [], [], []
+    ent_sum, kl_sum, n_tok = 0.0, 0.0, 0
+    with _eval_mode(model, base_model):
+        for i in range(0, len(flat), ROLLOUT_BATCH):
+            ro = rollout(model, tok, flat[i:i + ROLLOUT_BATCH], max_new_tokens, temperature=temperature,
+                         top_k=top_k, generator=gen)
+            e, kl, n = response_stats(model, ro, base_model)
+            ent_sum, n_tok = ent_sum + e, n_tok + n
+            if kl is not None:
+                kl_sum += kl
+            P = ro.prompt_len
+            responses += ro.responses
+            ended += ro.ended.tolist()
+            for b in range(len(ro.responses)):
+                ids = ro.tokens[b, P:][ro.response_mask[b, P:]].tolist()
+                resp_tokens.append([t for t in ids if t != tok.eot_id])
+    out, verdicts = score_samples(world, flat, responses, ended, k, resp_tokens)
+    out["entropy"] = ent_sum / max(n_tok, 1)
+    out["resp_len"] = n_tok / len(flat)
+    if base_model is not None:
+        out["kl_base"] = kl_sum / max(n_tok, 1)
+    if n_show:
+        out["samples"] = list(zip(flat, responses, verdicts))[:n_show]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# one checkpoint, all metrics
+
+def evaluate_model(model, tok, world, device, base_model=None, base_metrics=None, k=8, n_prompts=24,
+                   temperature=1.0, max_new_tokens=32, seed=0, max_docs=64, max_probes=64):
+    """
+    Every metric for one model, flat: task metrics, kl_base, loss/<skill>, probe/<skill>, and, given the base
+    model's own metrics, dloss/<skill>, dloss_mean and dprobe/<skill> (this model minus the base).
+    """
+    prompts = spread(world.eval_prompts, n_prompts)
+    m = task_eval(model, tok, world, prompts, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
+                  seed=seed, device=device, base_model=base_model)
+    for skill, v in heldout_losses(model, tok, world, device, max_docs=max_docs).items():
+        m[f"loss/{skill}"] = v
+    for skill, v in probe_accuracy(model, tok, world, device, max_probes=max_probes).items():
+        m[f"probe/{skill}"] = v
+    if base_metrics is not None:
+        skills = [s for s in world.skills if f"loss/{s}" in base_metrics]
+        for s in skills:
+            m[f"dloss/{s}"] = m[f"loss/{s}"] - base_metrics[f"loss/{s}"]
+        m["dloss_mean"] = sum(m[f"dloss/{s}"] for s in skills) / len(skills)
+        for key in [key for key in m if key.startswith("probe/")]:
+            if key in base_metrics:
+                m["d" + key] = m[key] - base_metrics[key]
+    return m
+
+
+def evaluate_checkpoints(base_path, paths, device="cpu", world_seed=-1, log=print, **kw):
+    """Evaluate the base checkpoint and every path in `paths` against it -> {path: metrics}, base first.
+    world_seed=-1: the world the base model was trained on (its config's world_seed, else 0)."""
+    base_model, base_ckpt = load_model(base_path, device)
+    if world_seed < 0:
+        world_seed = (base_ckpt.get("config") or {}).get("world_seed", 0)
+    world = load_world(seed=world_seed)
+    tok = get_tokenizer(base_ckpt.get("tokenizer", "nanopost"))
+    results = {}
+    # the base is the zero point: KL to itself is 0 (tests check the kernel agrees), its losses anchor forgetting
+    t0 = time.time()
+    base_metrics = evaluate_model(base_model, tok, world, device, base_model=None, **kw)
+    base_metrics["kl_base"] = 0.0
+    for key in [key for key in list(base_metrics) if key.startswith(("loss/", "probe/"))]:
+        base_metrics["d" + key] = 0.0
+    base_metrics["dloss_mean"] = 0.0
+    results[base_path] = base_metrics
+    log(f"eval | {base_path} | acc {base_metrics['accuracy']:.3f} | kl {base_metrics['kl_base']:.4f} | "
+        f"{time.time() - t0:.1f}s")
+    for path in paths:
+        t0 = time.time()
+        model, ckpt = load_model(path, device)
+        name = ckpt.get("tokenizer", tok.name)
+        if name != tok.name:
+            raise ValueError(f"{path}: tokenizer {name!r} differs from the base checkpoint's {tok.name!r}")
+        m = evaluate_model(model, tok, world, device, base_model=base_model, base_metrics=base_metrics, **kw)
+        results[path] = m
+        log(f"eval | {path} | acc {m['accuracy']:.3f} | kl {m['kl_base']:.4f} | dloss {m['dloss_mean']:+.4f} | "
+            f"{time.time() - t0:.1f}s")
+        del model
+    return results
+
+
+# -----------------------------------------------------------------------------
+# the table
+
+def table_columns(metrics_list):
+    """(key, header, format) for every column present in any of the metric dicts, in a fixed reading order:
+    task, diversity, distance, then forgetting per skill (Δ held-out loss, Δ probe accuracy; both vs the base)."""
+    cols = [("accuracy", "acc", "{:.3f}"), ("pass_at_k", "pass@k", "{:.3f}"),
+            ("distinct_valid", "distinct_valid", "{:.2f}"), ("distinct_1", "dist-1", "{:.3f}"),
+            ("distinct_2", "dist-2", "{:.3f}"), ("entropy", "entropy", "{:.3f}"),
+            ("kl_base", "KL(base||pi)", "{:.4f}"), ("dloss_mean", "dloss_mean", "{:+.4f}")]
+    keys = {}  # insertion-ordered set: skills stay in world.skills order
+    for m in metrics_list:
+        keys.update(dict.fromkeys(m))
+    cols += [(k, k, "{:+.4f}") for k in keys if k.startswith("dloss/")]
+    cols += [(k, k, "{:+.3f}") for k in keys if k.startswith("dprobe/")]
+    return [c for c in cols if c[0] in keys]
+
+
+def render_table(header, body, markdown=False):
+    """Rows of strings -> a fixed-width text table, or markdown (a '|' inside a cell is escaped there)."""
+    if markdown:
+        row = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        return "\n".join([row(header), "|" + "|".join("---" for _ in header) + "|"] + [row(r) for r in body])
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    row = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([row(header), row(["-" * w for w in widths])] + [row(r) for r in body])
+
+
+def format_table(rows, markdown=False):
+    """rows: list of (name, metrics dict of floats) -> one line per checkpoint, one column per metric."""
+    cols = table_columns([m for _, m in rows])
+    header = ["checkpoint"] + [h for _, h, _ in cols]
+    body = [[name] + [fmt.format(m[key]) if key in m else "-" for key, _, fmt in cols] for name, m in rows]
+    return render_table(header, body, markdown)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+@dataclass
+class Config:
+    base: str = knob("", "base checkpoint: KL and forgetting are measured against it (required)")
+    k: int = knob(8, "samples per prompt for accuracy and diversity")
+    n_prompts: int = knob(24, "held-out task prompts, evenly spread over world.eval_prompts")
+    temperature: float = knob(1.0, "sampling temperature of the k samples (entropy and KL always use T=1)")
+    max_new_tokens: int = knob(32, "response length limit; a response that hits it did not end (answers: <= 9 tokens)")
+    seed: int = knob(0, "sampling seed: same seed, same numbers")
+    max_docs: int = knob(64, "held-out documents per pretraining skill")
+    max_probes: int = knob(64, "probes per skill for greedy-completion accuracy")
+    world_seed: int = knob(-1, "seed of the built-in world; -1 = the one in the base checkpoint's config")
+    device: str = knob("auto", "cpu, cuda, or auto")
+
+
+def main(argv):
+    paths = [a for a in argv if not a.startswith("--")]
+    cfg = parse_config(Config, argv=[a for a in argv if a.startswith("--")])
+    if not cfg.base:
+        raise ValueError("evaluate: --base=PATH is required (the checkpoint KL and forgetting are measured against)")
+    device = resolve_device(cfg.device)
+    kw = {k: getattr(cfg, k) for k in ("k", "n_prompts", "temperature", "max_new_tokens", "seed", "max_docs",
+                                       "max_probes")}
+    results = evaluate_checkpoints(cfg.base, paths, device=device, world_seed=cfg.world_seed, **kw)
+    print(format_table([(p, m) for p, m in results.items()]))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

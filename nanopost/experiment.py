@@ -1,0 +1,318 @@
+"""
+The experiment: does SFT forget more than RL at the same new-task accuracy? ("RL's Razor", Shenfeld, Pari &
+Agrawal 2025: RL forgets less, and forgetting tracks the forward KL(pi_base || pi) measured on the new task.)
+
+    python -m nanopost.experiment                  # 1 seed, ~15 min on 2 CPU cores
+    python -m nanopost.experiment --seeds=0,1,2    # mean and spread over 3 seeds
+
+From ONE base model (train_sft.py --data=pretrain, trained once) it runs, per seed, four post-training methods
+by invoking the real training scripts as subprocesses (this file never copies their loops):
+
+    sft       train_sft.py on the narrow demonstrator, from the base
+    sft_kl    the same, plus a KL(pi || pi_base) regularizer (--sft_kl_coef)
+    ppo       train_ppo.py from the base (its KL anchor is on by default)
+    ppo_sft   train_ppo.py from the sft model of the same seed
+
+then evaluates every checkpoint with nanopost.evaluate (held-out prompts and text, fixed seed) and writes
+out/report.md (table: mean and std over seeds per method), out/results.json (every number, per seed), and,
+when matplotlib is importable, out/forgetting_vs_accuracy.png (the paper's Pareto figure: x = new-task
+accuracy, y = forgetting, colour = KL(base || pi)).
+
+A stage whose checkpoint exists and whose command is unchanged is skipped (out/<stage>/stage.json records the
+command that made it), so an interrupted run resumes and --seeds=0,1,2 after --seeds=0 only trains seeds 1-2.
+--force=true reruns everything.
+"""
+
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from nanopost.common import knob, parse_config, resolve_device
+from nanopost.evaluate import evaluate_checkpoints, format_table, render_table, table_columns
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: train_*.py live here
+
+METHODS = ["base", "sft", "sft_kl", "ppo", "ppo_sft"]
+
+
+@dataclass
+class Config:
+    out_dir: str = knob("out", "everything goes under here: base/, s<seed>/<method>/, report.md")
+    seeds: str = knob("0", "comma-separated training seeds, e.g. 0,1,2 (the base model is shared by all)")
+    sft_kl_coef: float = knob(0.1, "KL(pi || pi_base) weight of the sft_kl method")
+    # per-stage iteration budgets: the scripts' own defaults are for a real run; these keep the whole default
+    # pipeline under 15 min on 2 CPU cores. 0 = leave the script's default.
+    base_iters: int = knob(0, "train_sft.py --data=pretrain --max_iters for the base model")
+    sft_iters: int = knob(0, "train_sft.py --max_iters for sft and sft_kl")
+    ppo_iters: int = knob(0, "train_ppo.py --max_iters for ppo and ppo_sft")
+    base_args: str = knob("", "extra --key=value overrides for the base stage, space-separated")
+    sft_args: str = knob("", "extra overrides for the sft and sft_kl stages")
+    ppo_args: str = knob("", "extra overrides for the ppo and ppo_sft stages")
+    # evaluation: k samples on n_prompts held-out prompts. Measured ~20 CPU-s per checkpoint at 8 x 32 with 32-token
+    # responses (half in sampling, a third in the two forwards for entropy and KL); 8 x 24 keeps the five
+    # checkpoints of one seed near a minute on 2 cores
+    k: int = knob(8, "samples per held-out prompt")
+    n_prompts: int = knob(24, "held-out task prompts, evenly spread over the 54 of world.eval_prompts")
+    max_new_tokens: int = knob(32, "response length limit at evaluation (a valid answer is <= 9 tokens)")
+    eval_seed: int = knob(0, "sampling seed of the evaluation")
+    max_docs: int = knob(64, "held-out documents per pretraining skill")
+    device: str = knob("auto", "cpu, cuda, or auto (passed to the training scripts too)")
+    force: bool = knob(False, "rerun stages whose checkpoint already exists")
+
+
+# -----------------------------------------------------------------------------
+# stages: one subprocess each
+
+def run_stage(cfg, name, script, args, out_dir, inputs=()):
+    """
+    Run `python script --out_dir=... args` unless out_dir holds a checkpoint made by the same command from the
+    same input checkpoints (compared by modification time: a retrained base makes everything after it stale).
+    """
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    marker = os.path.join(out_dir, "stage.json")
+    cmd = [sys.executable, os.path.join(ROOT, script), f"--out_dir={out_dir}"] + args
+    made_from = {p: os.path.getmtime(p) for p in inputs}
+    if not cfg.force and os.path.isfile(ckpt) and os.path.isfile(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if done.get("args") == cmd[2:] and done.get("inputs") == made_from:
+            print(f"stage {name} | skip | {ckpt} exists (same command, same inputs; --force=true reruns)",
+                  flush=True)
+            return ckpt
+    print(f"stage {name} | run | {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    t0 = time.time()
+    if os.path.exists(marker):
+        os.remove(marker)  # a crash from here on must not leave an old marker next to a new, partial run
+    # TRITON_INTERPRET would push the CPU training through the Triton interpreter (tests set it); never here
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cpu0 = _children_cpu()
+    result = subprocess.run(cmd, cwd=ROOT, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"stage {name} failed with exit code {result.returncode}: {' '.join(cmd)}")
+    assert os.path.isfile(ckpt), f"stage {name} exited 0 but wrote no {ckpt}"
+    wall, cpu = time.time() - t0, _children_cpu() - cpu0
+    with open(marker, "w") as f:
+        json.dump(dict(args=cmd[2:], inputs=made_from, seconds=round(wall, 1), cpu_seconds=round(cpu, 1)), f)
+    # CPU seconds too: on a shared machine wall time says little, CPU time / cores bounds the idle wall time
+    print(f"stage {name} | done | {wall:.0f}s wall | {cpu:.0f}s cpu", flush=True)
+    return ckpt
+
+
+def _children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _iters(n):
+    return [f"--max_iters={n}"] if n > 0 else []
+
+
+def run_all_stages(cfg, seeds):
+    """Train everything (or find it done) -> {method: {seed: ckpt path}}; the base is under seed None."""
+    dev = [f"--device={cfg.device}"]
+    # --eval_prompts=0: an untrained model babbles to the token limit on every task prompt, the slowest eval of
+    # the pipeline, and the base's task accuracy is measured by the final evaluation anyway
+    base = run_stage(cfg, "base", "train_sft.py", ["--data=pretrain", "--eval_prompts=0"] + _iters(cfg.base_iters)
+                     + dev + cfg.base_args.split(), os.path.join(cfg.out_dir, "base"))
+    ckpts = {m: {} for m in METHODS}
+    ckpts["base"][None] = base
+    for seed in seeds:
+        d = os.path.join(cfg.out_dir, f"s{seed}")
+        common = [f"--seed={seed}"] + dev
+        sft_args = ["--data=sft", f"--init_from={base}"] + _iters(cfg.sft_iters) + common + cfg.sft_args.split()
+        ppo_args = _iters(cfg.ppo_iters) + common + cfg.ppo_args.split()
+        ckpts["sft"][seed] = run_stage(cfg, f"sft seed={seed}", "train_sft.py", sft_args, os.path.join(d, "sft"),
+                                       inputs=[base])
+        ckpts["sft_kl"][seed] = run_stage(cfg, f"sft_kl seed={seed}", "train_sft.py",
+                                          sft_args + [f"--sft_kl_coef={cfg.sft_kl_coef}"],
+                                          os.path.join(d, "sft_kl"), inputs=[base])
+        ckpts["ppo"][seed] = run_stage(cfg, f"ppo seed={seed}", "train_ppo.py", [f"--init_from={base}"] + ppo_args,
+                                       os.path.join(d, "ppo"), inputs=[base])
+        # PPO's KL anchor is its initial policy, here the SFT model; KL(base || pi) in the report is still
+        # measured against the base, the zero point of forgetting for every method
+        ckpts["ppo_sft"][seed] = run_stage(cfg, f"ppo_sft seed={seed}", "train_ppo.py",
+                                           [f"--init_from={ckpts['sft'][seed]}"] + ppo_args,
+                                           os.path.join(d, "ppo_sft"), inputs=[ckpts["sft"][seed]])
+    return ckpts
+
+
+# -----------------------------------------------------------------------------
+# report
+
+def _mean_std(xs):
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5  # sample std (n - 1)
+
+
+def aggregate(per_method):
+    """{method: [metrics per seed]} -> [(method, {key: (mean, std or None)}, n_seeds)] in METHODS order."""
+    rows = []
+    for method in [m for m in METHODS if per_method.get(m)] + sorted(set(per_method) - set(METHODS)):
+        runs = per_method[method]
+        keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float)) and all(k in r for r in runs)]
+        rows.append((method, {k: _mean_std([float(r[k]) for r in runs]) for k in keys}, len(runs)))
+    return rows
+
+
+def pearson(xs, ys):
+    """Pearson correlation of two equal-length lists; None when undefined (< 3 points or a constant list)."""
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else None
+
+
+def kl_forgetting_line(per_method):
+    """The paper's central claim in one number: across post-trained runs, does forgetting track KL(base || pi)?"""
+    runs = [r for m, rs in per_method.items() if m != "base" for r in rs if "kl_base" in r and "dloss_mean" in r]
+    r = pearson([x["kl_base"] for x in runs], [x["dloss_mean"] for x in runs])
+    if r is None:
+        return f"Pearson r(KL(base||pi), mean Δ held-out loss): undefined over {len(runs)} run(s)."
+    return (f"Pearson r(KL(base||pi), mean Δ held-out loss) over {len(runs)} post-trained runs: {r:+.3f} "
+            "(RL's Razor predicts strongly positive: forgetting tracks the KL moved on the new task).")
+
+
+def report_table(rows, markdown=True):
+    """One row per method, each cell 'mean ± std' over seeds (just the mean for one seed)."""
+    cols = table_columns([{k: v[0] for k, v in stats.items()} for _, stats, _ in rows])
+    header = ["method", "seeds"] + [h for _, h, _ in cols]
+    body = []
+    for method, stats, n in rows:
+        cells = [method, str(n)]
+        for key, _, fmt in cols:
+            if key not in stats:
+                cells.append("-")
+                continue
+            mean, std = stats[key]
+            cells.append(fmt.format(mean) + ("" if std is None else " ± " + fmt.format(std).lstrip("+")))
+        body.append(cells)
+    return render_table(header, body, markdown)
+
+
+def plot_pareto(per_method, path):
+    """The paper's Figure: forgetting against new-task accuracy, one point per run, coloured by KL(base||pi).
+    Returns None on success, or the reason it could not plot."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib not installed (pip install matplotlib for forgetting_vs_accuracy.png); table only"
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    points = [(method, r) for method, runs in per_method.items() for r in runs
+              if all(k in r for k in ("accuracy", "dloss_mean", "kl_base"))]
+    markers = dict(base="*", sft="o", sft_kl="s", ppo="^", ppo_sft="D")
+    kls = [r["kl_base"] for _, r in points]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method in per_method:
+        pts = [r for m, r in points if m == method]
+        if not pts:
+            continue
+        sc = ax.scatter([r["accuracy"] for r in pts], [r["dloss_mean"] for r in pts], c=[r["kl_base"] for r in pts],
+                        cmap="viridis", vmin=min(kls), vmax=max(max(kls), min(kls) + 1e-9),
+                        marker=markers.get(method, "o"), s=70, edgecolors="black", label=method)
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_xlabel("new-task accuracy (held-out prompts)")
+    ax.set_ylabel("forgetting: mean Δ held-out loss vs base (nats/token)")
+    ax.set_title("forgetting vs new-task accuracy (colour = KL(base || π))")
+    fig.colorbar(sc, ax=ax, label="KL(π_base || π) per response token")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def write_report(out_dir, per_method, per_run=None, config=None, notes=()):
+    """Write out_dir/report.md (and the plot when it can); returns the table as plain text, for stdout."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = aggregate(per_method)
+    table = report_table(rows, markdown=True)
+    png = os.path.join(out_dir, "forgetting_vs_accuracy.png")
+    why_not = plot_pareto(per_method, png)
+    plot_line = "![forgetting vs accuracy](forgetting_vs_accuracy.png)" if why_not is None else why_not
+    print(f"wrote {png}" if why_not is None else why_not, flush=True)
+    base_line = ""
+    if per_method.get("base"):
+        b = per_method["base"][0]
+        base_line = "Base model, the zero point of every Δ: held-out loss " + ", ".join(
+            f"{k[5:]} {v:.4f}" for k, v in b.items() if k.startswith("loss/")) + "; probe accuracy " + ", ".join(
+            f"{k[6:]} {v:.3f}" for k, v in b.items() if k.startswith("probe/")) + "."
+    lines = [
+        "# nanopost experiment: SFT vs PPO, forgetting vs new-task accuracy",
+        "",
+        "Mean ± sample std over seeds (one seed: the value alone). Columns: acc = verifier accuracy over k samples "
+        "per held-out prompt (valid and ended); pass@k = prompts with at least one correct sample; distinct_valid = "
+        "distinct correct answers per prompt among its k samples; dist-1/2 = distinct response-token n-grams among "
+        "the k samples of a prompt, mean over prompts; entropy = policy entropy per response token (nats); "
+        "KL(base||pi) = forward KL(pi_base || pi) per response token on the policy's own samples; dloss = change "
+        "in held-out pretraining loss vs the base (nats/token; positive = forgot); dprobe = change in greedy "
+        "accuracy on the skill's probes vs the base (negative = forgot).",
+        "",
+        table,
+        "",
+        base_line,
+        "",
+        kl_forgetting_line(per_method),
+        "",
+        plot_line,
+        "",
+    ] + [line for note in notes for line in (note, "")]
+    if per_run:
+        lines += ["## every run", "", format_table(per_run, markdown=True), ""]
+    if config:
+        lines += ["## config", "", "```", json.dumps(config, indent=1), "```", ""]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    return report_table(rows, markdown=False)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    cfg = parse_config(Config, argv=argv)
+    try:
+        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds={cfg.seeds}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise ValueError(f"--seeds={cfg.seeds}: no seed given")
+    t0 = time.time()
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_self0 = r.ru_utime + r.ru_stime
+    ckpts = run_all_stages(cfg, seeds)
+    t_train = time.time() - t0
+
+    base = ckpts["base"][None]
+    paths = [p for m in METHODS[1:] for p in ckpts[m].values()]
+    results = evaluate_checkpoints(base, paths, device=resolve_device(cfg.device), k=cfg.k,
+                                   n_prompts=cfg.n_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed,
+                                   max_docs=cfg.max_docs)
+    t_eval = time.time() - t0 - t_train
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_eval = r.ru_utime + r.ru_stime - cpu_self0
+    per_method = {m: [results[p] for p in ckpts[m].values()] for m in METHODS}
+    per_run = [(f"{m}" + ("" if s is None else f" s{s}"), results[p]) for m in METHODS for s, p in ckpts[m].items()]
+    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+        json.dump(dict(config=asdict(cfg), checkpoints={m: {str(s): p for s, p in ckpts[m].items()} for m in METHODS},
+                       results=results), f, indent=1)
+    timing = (f"experiment | train {t_train:.0f}s wall {_children_cpu():.0f}s cpu | eval {t_eval:.0f}s wall "
+              f"{cpu_eval:.0f}s cpu")
+    table = write_report(cfg.out_dir, per_method, per_run, config=asdict(cfg),
+                         notes=[f"Timing (this run; a skipped stage counts 0): `{timing}`"])
+    print(f"{timing} | wrote {os.path.join(cfg.out_dir, 'report.md')}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
