@@ -71,12 +71,14 @@ class Config:
 def run_stage(cfg, name, script, args, out_dir, inputs=()):
     """
     Run `python script --out_dir=... args` unless out_dir holds a checkpoint made by the same command from the
-    same input checkpoints (compared by modification time: a retrained base makes everything after it stale).
+    same input checkpoints and the same script (compared by modification time: a retrained base, or an edited
+    training script, makes everything after it stale).
     """
     ckpt = os.path.join(out_dir, "ckpt.pt")
     marker = os.path.join(out_dir, "stage.json")
     cmd = [sys.executable, os.path.join(ROOT, script), f"--out_dir={out_dir}"] + args
-    made_from = {p: os.path.getmtime(p) for p in inputs}
+    # the script itself counts as an input: changing its defaults must retrain, not reuse a stale checkpoint
+    made_from = {p: os.path.getmtime(p) for p in [*inputs, cmd[1]]}
     if not cfg.force and os.path.isfile(ckpt) and os.path.isfile(marker):
         with open(marker) as f:
             done = json.load(f)
