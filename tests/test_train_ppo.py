@@ -4,8 +4,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,8 +13,8 @@ import train_ppo
 from nanopost.common import build_model, load_model, save_checkpoint
 from nanopost.rollout import rollout
 from nanopost.tokenizer import get_tokenizer
+from scripts import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -57,18 +55,8 @@ TINY = ["--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--max_new_to
         "--eval_k=1", "--device=cpu", "--learning_rate=1e-3", "--value_lr=1e-3"]
 
 
-def run_script(args, nproc=1, check=True):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # training runs the torch references
-    env["OMP_NUM_THREADS"] = "1"
-    if nproc == 1:
-        cmd = [sys.executable, "train_ppo.py", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "train_ppo.py", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, f"train_ppo.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+def run_ppo(args, nproc=1, check=True):
+    return run_script("train_ppo.py", args, nproc=nproc, check=check)
 
 
 def train_records(out_dir):
@@ -239,7 +227,7 @@ def test_smoke_and_exact_resume(tiny_ckpt, tmp_path):
                     "--kl_horizon=100", "--whiten_rewards=true", "--missing_eos_penalty=0.5", "--ent_coef=0.01",
                     "--eval_interval=2", "--ckpt_interval=0"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    proc = run_script(knobs + [f"--out_dir={straight}", "--max_iters=4"])
+    proc = run_ppo(knobs + [f"--out_dir={straight}", "--max_iters=4"])
     assert "iter 4/4" in proc.stdout and "eval before -> after" in proc.stdout
     recs = train_records(straight)
     assert [r["iter"] for r in recs] == [1, 2, 3, 4]
@@ -253,8 +241,8 @@ def test_smoke_and_exact_resume(tiny_ckpt, tmp_path):
     model, ckpt = load_model(os.path.join(straight, "ckpt.pt"))
     assert ckpt["step"] == 4 and "value_model" in ckpt and "ref_model" in ckpt
 
-    run_script(knobs + [f"--out_dir={split}", "--max_iters=2"])
-    run_script(knobs + [f"--out_dir={split}", "--max_iters=4"] + ["--init_from=resume"])
+    run_ppo(knobs + [f"--out_dir={split}", "--max_iters=2"])
+    run_ppo(knobs + [f"--out_dir={split}", "--max_iters=4"] + ["--init_from=resume"])
     strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}
     assert [strip(r) for r in train_records(split)] == [strip(r) for r in recs]
     resumed = torch.load(os.path.join(split, "ckpt.pt"), weights_only=False)
@@ -269,7 +257,7 @@ def test_ddp_two_processes(tiny_ckpt, tmp_path):
     # update), and the logged aggregates cover the global batch of 8 responses, 4 sampled per rank. The
     # gradient identity DDP relies on is test_global_token_count_makes_split_batches_equal_one_batch.
     out = str(tmp_path / "ddp")
-    proc = run_script(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=2"], nproc=2)
+    proc = run_ppo(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=2"], nproc=2)
     assert "2 rank(s) | 4 prompts/rank/iter" in proc.stdout
     recs = train_records(out)
     assert [r["iter"] for r in recs] == [1, 2] and all(r["n_responses"] == 8 for r in recs)
@@ -289,7 +277,7 @@ def test_reward_fn_raising_stops_the_run(tiny_ckpt, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(dict(prompt=f"Write an addition that equals {n}.")) + "\n"
                                for n in range(11, 19)))
-    proc = run_script(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'bad'}", "--max_iters=1",
+    proc = run_ppo(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'bad'}", "--max_iters=1",
                               f"--reward_fn={tmp_path / 'bad_reward.py'}:reward", f"--prompts={prompts}"],
                       check=False)
     assert proc.returncode != 0
@@ -299,7 +287,7 @@ def test_reward_fn_raising_stops_the_run(tiny_ckpt, tmp_path):
 def test_non_finite_loss_stops_naming_the_iteration(tiny_ckpt, tmp_path):
     # 1e30 is finite for the reward check, but its square overflows float32 in the value loss
     (tmp_path / "huge_reward.py").write_text("def reward(prompts, responses):\n    return [1e30] * len(prompts)\n")
-    proc = run_script(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'nan'}", "--max_iters=2",
+    proc = run_ppo(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'nan'}", "--max_iters=2",
                               f"--reward_fn={tmp_path / 'huge_reward.py'}:reward"], check=False)
     assert proc.returncode != 0
     assert "iteration 1: non-finite loss" in proc.stderr, proc.stderr[-2000:]

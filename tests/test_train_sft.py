@@ -10,8 +10,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,8 +17,8 @@ import torch
 import kernels
 from nanopost.tokenizer import get_tokenizer
 from train_sft import IGNORE, collate, lr_at, sft_example
+from scripts import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # a ~50k-parameter model and the cheapest evaluation: these tests check the plumbing, not the learning
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--warmup_iters=2",
@@ -28,17 +26,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 
 
 def run(args, nproc=1, check=True):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores: one thread each, no oversubscription
-    if nproc == 1:
-        cmd = [sys.executable, "train_sft.py", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "train_sft.py", *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
-    return p
+    return run_script("train_sft.py", args, nproc=nproc, check=check)
 
 
 def records(out_dir, kind):
