@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanopost.model import GPT, GPTConfig, KVCache
+from nanopost.model import GPT, GPTConfig, KVCache, rotary_angles, rotate
 
 
 def tiny_model(seed=0, **kw):
@@ -22,6 +22,22 @@ def left_pad(prompts, pad=0):
         idx[i, P - len(p):] = torch.tensor(p)
         mask[i, P - len(p):] = True
     return idx, mask
+
+
+def test_rotary_scores_depend_only_on_the_offset():
+    # q at position i against k at position j: the same score for (i, j) and (i + s, j + s), but not for another offset
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+
+    def score(i, j):
+        qi = rotate(q, *(a.double() for a in rotary_angles(torch.tensor([[i]]), 8)))
+        kj = rotate(k, *(a.double() for a in rotary_angles(torch.tensor([[j]]), 8)))
+        return float((qi * kj).sum())
+
+    assert score(0, 0) == pytest.approx(float((q * k).sum()))  # position 0 is no rotation
+    for i, j, s in [(5, 2, 7), (9, 0, 100), (3, 3, 41)]:
+        assert score(i + s, j + s) == pytest.approx(score(i, j), rel=1e-5, abs=1e-6)  # angles are float32
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3
 
 
 def test_padding_does_not_change_real_logits():
