@@ -49,7 +49,8 @@ class Config:
     # pipeline under 15 min on 2 CPU cores. 0 = leave the script's default.
     base_iters: int = knob(0, "train_sft.py --data=pretrain --max_iters for the base model")
     sft_iters: int = knob(0, "train_sft.py --max_iters for sft and sft_kl")
-    ppo_iters: int = knob(0, "train_ppo.py --max_iters for ppo and ppo_sft")
+    ppo_iters: int = knob(150, "train_ppo.py --max_iters for ppo and ppo_sft (its wall-clock limit is off here, "
+                                "so a run does the same work on any machine)")
     base_args: str = knob("", "extra --key=value overrides for the base stage, space-separated")
     sft_args: str = knob("", "extra overrides for the sft and sft_kl stages")
     ppo_args: str = knob("", "extra overrides for the ppo and ppo_sft stages")
@@ -127,7 +128,7 @@ def run_all_stages(cfg, seeds):
         d = os.path.join(cfg.out_dir, f"s{seed}")
         common = [f"--seed={seed}"] + dev
         sft_args = ["--data=sft", f"--init_from={base}"] + _iters(cfg.sft_iters) + common + cfg.sft_args.split()
-        ppo_args = _iters(cfg.ppo_iters) + common + cfg.ppo_args.split()
+        ppo_args = _iters(cfg.ppo_iters) + ["--max_minutes=0"] + common + cfg.ppo_args.split()
         ckpts["sft"][seed] = run_stage(cfg, f"sft seed={seed}", "train_sft.py", sft_args, os.path.join(d, "sft"),
                                        inputs=[base])
         ckpts["sft_kl"][seed] = run_stage(cfg, f"sft_kl seed={seed}", "train_sft.py",

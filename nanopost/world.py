@@ -15,22 +15,27 @@ never shares a document with train:
               held-out: equations whose operand pair never appears anywhere in train. probes: ("23+19=", "42")
   stories     templated short stories about the people, their pets and cities. held-out: new stories (loss only)
   chat        chat-format docs dict(prompt, completion): "What is 23+19?" -> "23+19=42", "Add 23 and 19.",
-              "Write the addition of 23 and 19.", "What is 40 minus 17?",
-              "Is 23+19=42 an addition or a subtraction?", fact questions ("Where does Zorvan live?") and
-              "Write a subtraction that equals 17." -> a random valid "a-b=17", "Find two numbers whose sum is 17."
-              -> a random valid "a+b=17". They teach the base the chat
-              format, the words for "+" and the "X that equals N" instruction shape, so that on the new task
+              "Write the addition of 23 and 19.", "What is 40 minus 17?", "Write an addition." -> any true
+              "a+b=c", "Is 23+19=42 an addition or a subtraction?", fact questions ("Where does Zorvan live?"),
+              "Find two numbers whose sum is 17." -> a random valid "a+b=17" and "Find two numbers whose
+              difference is 17." -> a random valid "a-b=17". They teach the base the chat format, the words
+              for "+", and to copy a target number from the prompt into an equation, so that on the new task
               the base already produces some valid answers (PPO needs non-zero reward at the start).
+              Deliberately no "Write a subtraction that equals N.": the base then answered the new task's
+              "Write an addition that equals N." with subtractions, the nearest wording it had seen.
               held-out: questions on held-out operand pairs, 20% of the (person, attribute) questions (the
-              facts themselves stay in the facts paragraphs) and subtraction answers from held-out pairs.
+              facts themselves stay in the facts paragraphs) and sum/difference answers from held-out pairs.
 
 The NEW task (never in pretraining): "Write an addition that equals N." (and two other phrasings, TASK_PHRASINGS),
 N in 10..99. Any "a+b=N" with non-negative a, b written without leading zeros is valid: N+1 valid answers.
   - a seeded random 20% of the N's are held out: they appear only in w.eval_prompts (unseen targets).
-  - w.sft_train: the NARROW demonstrator, always "{N}+0={N}", on phrasings 0 and 1 of the training N's: one
-    answer in one style out of N+1 valid ones, and one SFT can fit exactly, also for the held-out N's.
-  - w.sft_val: the same demonstrator on phrasing 2 (held out from SFT) of the training N's, so SFT never sees
-    an eval N, and PPO (w.ppo_prompts: all phrasings of the training N's) never does either.
+  - w.sft_train: the NARROW demonstrator, always "{N}+0={N}", on every phrasing of the training N's but 8:
+    one answer in one style out of N+1 valid ones, and one SFT can fit exactly, also for the held-out N's.
+  - w.sft_val: the same demonstrator on those 8 training N's (SFT's validation loss). Neither SFT nor PPO
+    (w.ppo_prompts: every phrasing of the training N's) ever sees an eval N. SFT and PPO see the same
+    phrasings, so held-out accuracy compares them on the same thing: unseen targets. (An earlier version held
+    phrasing 2 out of SFT only; SFT then answered "Make 14 by adding two numbers." with "14+0=13" half the
+    time, which measured paraphrase transfer, not the task.)
   - pretraining ("Ways to make N", equations) covers every N, eval N's included: that is knowledge the base
     brings along; what eval measures is whether the post-trained *behavior* carries over to unseen targets.
 Other seeds give other people, facts, pairs and documents; the shipped tokenizer is trained on seed 0, so their
@@ -54,7 +59,7 @@ N_PEOPLE = 64             # 64 people x 4 attributes = 256 facts, each seen ~85 
 MAX_OPERAND = 59          # equations use operands 0..59: 1830 unordered addition pairs, 1830 subtraction pairs
 HELDOUT_PAIR_FRAC = 0.1   # fraction of operand pairs reserved for held-out arithmetic (never in any train doc)
 HELDOUT_QUESTION_FRAC = 0.2  # fraction of (person, attribute) chat questions reserved for held-out chat
-N_TRAIN_DOCS = dict(facts=4000, arithmetic=3000, stories=2400, chat=6000)
+N_TRAIN_DOCS = dict(facts=4000, arithmetic=2500, stories=2400, chat=8000)
 N_HELDOUT_DOCS = 200      # per skill: enough for a stable mean loss, cheap to evaluate on CPU
 N_ARITH_PROBES = 200      # greedy probes on held-out equations (100 additions, 100 subtractions)
 TASK_MIN_N, TASK_MAX_N = 10, 99
@@ -68,7 +73,7 @@ TASK_PHRASINGS = (
     "Give two numbers that add up to {N}.",
     "Make {N} by adding two numbers.",
 )
-SFT_TRAIN_PHRASINGS = (0, 1)  # phrasing 2 is held out from SFT and used for sft_val
+SFT_VAL_TARGETS = 8  # training targets whose demonstrations are SFT's validation split, not its training data
 SKILLS = ["facts", "arithmetic", "stories", "chat"]
 
 # -----------------------------------------------------------------------------
@@ -248,13 +253,13 @@ def _story(rng, people):
     return " ".join(s)
 
 
-def _sub_equals_doc(rng, n, sub_heldout_set, heldout):
-    """'Write a subtraction that equals n.' -> a random valid a-b=n (a up to 99), from the train or held-out pairs."""
+def _difference_is_doc(rng, n, sub_heldout_set, heldout):
+    """'Find two numbers whose difference is n.' -> a random valid a-b=n (a up to 99), from the train or held-out pairs."""
     options = [(n + b, b) for b in range(TASK_MAX_N - n + 1) if ((n + b, b) in sub_heldout_set) == heldout]
     if not options:
         return None
     a, b = rng.choice(options)
-    return dict(prompt=f"Write a subtraction that equals {n}.", completion=f"{a}-{b}={n}")
+    return dict(prompt=f"Find two numbers whose difference is {n}.", completion=f"{a}-{b}={n}")
 
 
 def _sum_is_doc(rng, n, add_heldout_set, heldout):
@@ -342,10 +347,10 @@ class World:
             add_pairs = pr["add_heldout" if heldout else "add_train"]
             sub_pairs = pr["sub_heldout" if heldout else "sub_train"]
             r = rng.random()
-            if r < 0.25:
+            if r < 0.2:
                 q, ans = _equation(rng, add_pairs, sub_pairs)
                 return dict(prompt=f"What is {q}?", completion=f"{q}={ans}")
-            if r < 0.35:
+            if r < 0.3:
                 # the words for + and - *before* the symbols (LMs learn "A then B" far better than the reverse):
                 # without them nothing links the task's wording ("addition", "add up", "adding") to "+", and the
                 # base would never answer the new task correctly (zero reward for PPO). The operands are given,
@@ -354,6 +359,13 @@ class World:
                 a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", q).groups()
                 templates = OPERAND_QUESTIONS["+" if op == "+" else "-"]
                 return dict(prompt=rng.choice(templates).format(a=a, b=b), completion=f"{q}={ans}")
+            if r < 0.4:
+                # "Write an addition." -> any true a+b=c: the instruction's first half, without a target. The new
+                # task composes it with "... that equals N" (the subtraction docs below), which is how the base
+                # can answer it at all before any post-training
+                q, ans = _equation(rng, add_pairs, sub_pairs)
+                kind = "an addition" if "+" in q else "a subtraction"
+                return dict(prompt=f"Write {kind}.", completion=f"{q}={ans}")
             if r < 0.45:
                 q, ans = _equation(rng, add_pairs, sub_pairs)
                 kind = "an addition" if "+" in q else "a subtraction"
@@ -361,7 +373,7 @@ class World:
             if r < 0.6:
                 p, attr = rng.choice(q_heldout if heldout else q_train)
                 return dict(prompt=FACT_QUESTION[attr].format(name=p["name"]), completion=_fact_sentence(p, attr))
-            if r < 0.7:
+            if r < 0.85:
                 # the old skill the new task builds on, in other words: a pretrained model has seen "find two
                 # numbers whose sum is N" with many different answers, so the base starts with a broad, partly
                 # valid distribution on the new task's phrasings (PPO needs non-zero reward at the start)
@@ -370,7 +382,7 @@ class World:
                     if d is not None:
                         return d
             while True:  # a target with at least one option in the requested split
-                d = _sub_equals_doc(rng, rng.randint(1, TASK_MAX_N), sub_heldout_set, heldout)
+                d = _difference_is_doc(rng, rng.randint(1, TASK_MAX_N), sub_heldout_set, heldout)
                 if d is not None:
                     return d
 
@@ -394,11 +406,14 @@ class World:
         n_eval = int(len(shuffled) * EVAL_FRAC)
         self.eval_targets = sorted(shuffled[:n_eval])
         self.train_targets = sorted(shuffled[n_eval:])
-        self.sft_train = [dict(prompt=task_prompt(n, ph), completion=demonstrate(task_prompt(n, ph)))
-                          for ph in SFT_TRAIN_PHRASINGS for n in self.train_targets]
-        val_phrasings = [ph for ph in range(len(TASK_PHRASINGS)) if ph not in SFT_TRAIN_PHRASINGS]
-        self.sft_val = [dict(prompt=task_prompt(n, ph), completion=demonstrate(task_prompt(n, ph)))
-                        for ph in val_phrasings for n in self.train_targets]
+        val = set(_rng(self.seed, "sft_val").sample(self.train_targets, SFT_VAL_TARGETS))
+
+        def demos(targets):
+            return [dict(prompt=task_prompt(n, ph), completion=demonstrate(task_prompt(n, ph)))
+                    for ph in range(len(TASK_PHRASINGS)) for n in targets]
+
+        self.sft_train = demos([n for n in self.train_targets if n not in val])
+        self.sft_val = demos(sorted(val))
         self.ppo_prompts = [task_prompt(n, ph) for ph in range(len(TASK_PHRASINGS)) for n in self.train_targets]
         self.eval_prompts = [task_prompt(n, ph) for ph in range(len(TASK_PHRASINGS)) for n in self.eval_targets]
 

@@ -105,6 +105,8 @@ def test_task_splits(w):
     assert eval_n == set(w.eval_targets)
     assert not set(w.eval_prompts) & set(w.ppo_prompts)
     assert not {d["prompt"] for d in w.sft_val} & {d["prompt"] for d in w.sft_train}
+    assert len({parse_target(d["prompt"]) for d in w.sft_val}) == 8  # whole targets held out, every phrasing
+    assert not {parse_target(d["prompt"]) for d in w.sft_val} & {parse_target(d["prompt"]) for d in w.sft_train}
     assert all(isinstance(p, str) for p in w.ppo_prompts + w.eval_prompts)
     # every phrasing is used for PPO and eval
     for ph in range(len(TASK_PHRASINGS)):
