@@ -8,6 +8,7 @@ every knob with its help for `--help`.
 
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -154,8 +155,11 @@ def set_rng_state(state):
 # logs
 
 def append_jsonl(path, record):
+    """One JSON line per record. NaN and inf become null: they are not JSON, and strict readers reject them
+    (PPO's explained variance is NaN when every return in a batch is the same)."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def format_eta(seconds):

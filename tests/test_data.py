@@ -113,3 +113,13 @@ def test_roundtrip_with_write_world(tmp_path):
     assert load_docs_jsonl(os.path.join(tmp_path, "pretrain.jsonl")) == w.pretrain
     for s in w.skills:
         assert load_docs_jsonl(os.path.join(tmp_path, f"heldout_{s}.jsonl")) == {s: w.heldout[s]}
+
+
+def test_append_jsonl_writes_strict_json(tmp_path):
+    from nanopost.common import append_jsonl
+    path = os.path.join(tmp_path, "log.jsonl")
+    append_jsonl(path, dict(step=1, ev=float("nan"), kl=float("inf"), loss=0.5))
+    with open(path) as f:
+        line = f.readline()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
+        dict(step=1, ev=None, kl=None, loss=0.5)
