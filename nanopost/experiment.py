@@ -2,7 +2,7 @@
 The experiment: does SFT forget more than RL at the same new-task accuracy? ("RL's Razor", Shenfeld, Pari &
 Agrawal 2025: RL forgets less, and forgetting tracks the forward KL(pi_base || pi) measured on the new task.)
 
-    python -m nanopost.experiment                  # 1 seed, ~15 min on 2 CPU cores
+    python -m nanopost.experiment                  # 1 seed, ~13 min on 2 CPU cores
     python -m nanopost.experiment --seeds=0,1,2    # mean and spread over 3 seeds
 
 From ONE base model (train_sft.py --data=pretrain, trained once) it runs, per seed, four post-training methods
