@@ -2,16 +2,18 @@
 The experiment: does SFT forget more than RL at the same new-task accuracy? ("RL's Razor", Shenfeld, Pari &
 Agrawal 2025: RL forgets less, and forgetting tracks the forward KL(pi_base || pi) measured on the new task.)
 
-    python -m nanopost.experiment                  # 1 seed, ~13 min on 2 CPU cores
+    python -m nanopost.experiment                  # 1 seed, ~12 min on 2 CPU cores
     python -m nanopost.experiment --seeds=0,1,2    # mean and spread over 3 seeds
 
-From ONE base model (train_sft.py --data=pretrain, trained once) it runs, per seed, four post-training methods
+From ONE base model (train_sft.py --data=pretrain, trained once) it runs, per seed, five post-training methods
 by invoking the real training scripts as subprocesses (this file never copies their loops):
 
-    sft       train_sft.py on the narrow demonstrator, from the base
-    sft_kl    the same, plus a KL(pi || pi_base) regularizer (--sft_kl_coef)
-    ppo       train_ppo.py from the base (its KL anchor is on by default)
-    ppo_sft   train_ppo.py from the sft model of the same seed
+    sft            train_sft.py on the narrow demonstrator, from the base
+    sft_kl         the same, plus a KL(pi || pi_base) regularizer (--sft_kl_coef)
+    sft_short      the same SFT run stopped after sft_short_iters steps (its warmup is longer, so these are
+                   exactly sft's first steps): SFT at about PPO's accuracy, for the comparison at matched accuracy
+    ppo            train_ppo.py from the base (its KL anchor is on by default)
+    ppo_sft_short  train_ppo.py from the sft_short model of the same seed (SFT, then RL)
 
 then evaluates every checkpoint with nanopost.evaluate (held-out prompts and text, fixed seed) and writes
 out/report.md (table: mean and std over seeds per method), out/results.json (every number, per seed), and,
@@ -37,7 +39,7 @@ from nanopost.evaluate import evaluate_checkpoints, format_table, render_table, 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: train_*.py live here
 
-METHODS = ["base", "sft", "sft_kl", "ppo", "ppo_sft"]
+METHODS = ["base", "sft", "sft_kl", "sft_short", "ppo", "ppo_sft_short"]
 
 
 @dataclass
@@ -49,11 +51,16 @@ class Config:
     # pipeline under 15 min on 2 CPU cores. 0 = leave the script's default.
     base_iters: int = knob(0, "train_sft.py --data=pretrain --max_iters for the base model")
     sft_iters: int = knob(0, "train_sft.py --max_iters for sft and sft_kl")
-    ppo_iters: int = knob(150, "train_ppo.py --max_iters for ppo and ppo_sft (its wall-clock limit is off here, "
-                                "so a run does the same work on any machine)")
+    sft_short_iters: int = knob(8, "train_sft.py --max_iters for sft_short (8 of sft's 150 steps: ~50% accuracy, "
+                                   "about where PPO from the base ends)")
+    # PPO from the base scores ~1% for a while, then takes off (near iteration 30 in some seeds, 160 in others):
+    # 200 iterations learned in every seed tried. PPO from sft_short starts at ~50% and is at ~90% by 100.
+    # train_ppo.py's wall-clock limit is off here, so a run does the same work on any machine
+    ppo_iters: int = knob(200, "train_ppo.py --max_iters for ppo (from the base)")
+    ppo_sft_iters: int = knob(100, "train_ppo.py --max_iters for ppo_sft_short")
     base_args: str = knob("", "extra --key=value overrides for the base stage, space-separated")
-    sft_args: str = knob("", "extra overrides for the sft and sft_kl stages")
-    ppo_args: str = knob("", "extra overrides for the ppo and ppo_sft stages")
+    sft_args: str = knob("", "extra overrides for the sft, sft_kl and sft_short stages")
+    ppo_args: str = knob("", "extra overrides for the ppo and ppo_sft_short stages")
     # evaluation: k samples on n_prompts held-out prompts. Measured ~20 CPU-s per checkpoint at 8 x 32 with 32-token
     # responses (half in sampling, a third in the two forwards for entropy and KL); 8 x 24 keeps the five
     # checkpoints of one seed near a minute on 2 cores
@@ -128,19 +135,24 @@ def run_all_stages(cfg, seeds):
         d = os.path.join(cfg.out_dir, f"s{seed}")
         common = [f"--seed={seed}"] + dev
         sft_args = ["--data=sft", f"--init_from={base}"] + _iters(cfg.sft_iters) + common + cfg.sft_args.split()
-        ppo_args = _iters(cfg.ppo_iters) + ["--max_minutes=0"] + common + cfg.ppo_args.split()
+        ppo_args = ["--max_minutes=0"] + common + cfg.ppo_args.split()
         ckpts["sft"][seed] = run_stage(cfg, f"sft seed={seed}", "train_sft.py", sft_args, os.path.join(d, "sft"),
                                        inputs=[base])
         ckpts["sft_kl"][seed] = run_stage(cfg, f"sft_kl seed={seed}", "train_sft.py",
                                           sft_args + [f"--sft_kl_coef={cfg.sft_kl_coef}"],
                                           os.path.join(d, "sft_kl"), inputs=[base])
-        ckpts["ppo"][seed] = run_stage(cfg, f"ppo seed={seed}", "train_ppo.py", [f"--init_from={base}"] + ppo_args,
+        ckpts["sft_short"][seed] = run_stage(cfg, f"sft_short seed={seed}", "train_sft.py",
+                                             sft_args + _iters(cfg.sft_short_iters), os.path.join(d, "sft_short"),
+                                             inputs=[base])
+        ckpts["ppo"][seed] = run_stage(cfg, f"ppo seed={seed}", "train_ppo.py",
+                                       [f"--init_from={base}"] + _iters(cfg.ppo_iters) + ppo_args,
                                        os.path.join(d, "ppo"), inputs=[base])
-        # PPO's KL anchor is its initial policy, here the SFT model; KL(base || pi) in the report is still
+        # PPO's KL anchor is its initial policy, here the short SFT model; KL(base || pi) in the report is still
         # measured against the base, the zero point of forgetting for every method
-        ckpts["ppo_sft"][seed] = run_stage(cfg, f"ppo_sft seed={seed}", "train_ppo.py",
-                                           [f"--init_from={ckpts['sft'][seed]}"] + ppo_args,
-                                           os.path.join(d, "ppo_sft"), inputs=[ckpts["sft"][seed]])
+        short = ckpts["sft_short"][seed]
+        ckpts["ppo_sft_short"][seed] = run_stage(cfg, f"ppo_sft_short seed={seed}", "train_ppo.py",
+                                                 [f"--init_from={short}"] + _iters(cfg.ppo_sft_iters) + ppo_args,
+                                                 os.path.join(d, "ppo_sft_short"), inputs=[short])
     return ckpts
 
 
@@ -214,7 +226,7 @@ def plot_pareto(per_method, path):
 
     points = [(method, r) for method, runs in per_method.items() for r in runs
               if all(k in r for k in ("accuracy", "dloss_mean", "kl_base"))]
-    markers = dict(base="*", sft="o", sft_kl="s", ppo="^", ppo_sft="D")
+    markers = dict(base="*", sft="o", sft_kl="s", sft_short="v", ppo="^", ppo_sft_short="D")
     kls = [r["kl_base"] for _, r in points]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method in per_method:

@@ -225,3 +225,31 @@ def test_run_stage_skips_only_when_command_and_inputs_are_unchanged(tmp_path, mo
     X.run_stage(X.Config(out_dir=str(tmp_path), force=True), "sft", "train_sft.py", ["--max_iters=6"], out,
                 inputs=[str(base)])
     assert len(calls) == 4, "--force=true: rerun"
+
+
+def test_stages_wire_each_method_to_its_start_and_budget(tmp_path, monkeypatch):
+    calls = {}
+
+    def fake_stage(cfg, name, script, args, out_dir, inputs=()):  # records the command instead of training
+        calls[name] = (script, args, list(inputs))
+        return os.path.join(out_dir, "ckpt.pt")
+
+    def arg(name, key):  # the value the script sees: parse_config keeps the last --key=value
+        values = [a.split("=", 1)[1] for a in calls[name][1] if a.startswith(f"--{key}=")]
+        return values[-1] if values else None
+
+    monkeypatch.setattr(X, "run_stage", fake_stage)
+    cfg = X.Config(out_dir=str(tmp_path), sft_iters=150, sft_args="--max_iters=40")
+    ckpts = X.run_all_stages(cfg, [3])
+    assert set(ckpts) == set(X.METHODS) and all(3 in ckpts[m] for m in X.METHODS[1:])
+    base = ckpts["base"][None]
+    # sft_short is the sft command (same data, seed, start) with the short budget last, so it wins
+    assert calls["sft_short seed=3"][1][:-1] == calls["sft seed=3"][1] and arg("sft_short seed=3", "max_iters") == "8"
+    assert arg("sft seed=3", "max_iters") == "40"  # the user's --sft_args come after the knob
+    assert arg("sft_kl seed=3", "sft_kl_coef") == "0.1"
+    assert arg("ppo seed=3", "init_from") == base and arg("ppo seed=3", "max_iters") == "200"
+    assert arg("ppo_sft_short seed=3", "init_from") == ckpts["sft_short"][3]
+    assert calls["ppo_sft_short seed=3"][2] == [ckpts["sft_short"][3]]  # retrained sft_short -> rerun
+    assert arg("ppo_sft_short seed=3", "max_iters") == "100"
+    assert all(arg(f"{m} seed=3", "max_minutes") == "0" for m in ("ppo", "ppo_sft_short"))
+    assert all(arg(f"{m} seed=3", "seed") == "3" for m in X.METHODS[1:])
