@@ -352,9 +352,10 @@ class World:
                 return dict(prompt=f"What is {q}?", completion=f"{q}={ans}")
             if r < 0.3:
                 # the words for + and - *before* the symbols (LMs learn "A then B" far better than the reverse):
-                # without them nothing links the task's wording ("addition", "add up", "adding") to "+", and the
-                # base would never answer the new task correctly (zero reward for PPO). The operands are given,
-                # so this is not the new task.
+                # they link "add", "addition", "sum" and "plus" to "+". The operands are given, so this is not the
+                # new task. The task's other words ("adding", "add up to", "equals", "Give", "Make") appear nowhere
+                # in pretraining; templates carrying them were tried and made the base worse (it answered
+                # "Write an addition that equals N." with subtractions, 0.4% right instead of 0.9%).
                 q, ans = _equation(rng, add_pairs, sub_pairs)
                 a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", q).groups()
                 templates = OPERAND_QUESTIONS["+" if op == "+" else "-"]
