@@ -3,7 +3,7 @@ Which path a kernel call takes, and the checks every launcher shares.
 
     CUDA tensor + triton importable      -> compiled Triton kernel
     CPU tensor  + TRITON_INTERPRET=1     -> the same Triton kernel, run by the Triton interpreter (tests)
-    anything else                        -> the pure-PyTorch reference in each op file
+    anything else, float64 included      -> the pure-PyTorch reference in each op file
 
 TRITON_INTERPRET is read once, at import, because triton itself reads it when `@triton.jit` decorates a
 function; flipping it later would make this module and the decorated kernels disagree.
@@ -27,6 +27,9 @@ except ImportError:  # only a missing package falls back; any other import error
     tl = types.SimpleNamespace(constexpr=None)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# the kernels compute in fp32, so a float64 input (gradcheck) runs the reference to keep its precision
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # kernel name -> number of launches; tests read it to prove the Triton path (not the reference) ran
 launches = collections.Counter()
@@ -54,6 +57,11 @@ def use_triton(x: torch.Tensor) -> bool:
     if x.is_cuda:
         return True
     return INTERPRET and x.device.type == "cpu"
+
+
+def use_kernel(logits) -> bool:
+    """True when an op on `logits` runs its Triton kernel; float64 runs the reference (e.g. for gradcheck)."""
+    return torch.is_tensor(logits) and use_triton(logits) and logits.dtype in KERNEL_DTYPES
 
 
 def check_logits(logits, idx, what):

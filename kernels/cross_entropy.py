@@ -28,7 +28,6 @@ from kernels import _dispatch
 from kernels._dispatch import check_indices, check_logits, launch_config, tl, triton
 
 REDUCTIONS = ("mean", "sum", "none")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # -----------------------------------------------------------------------------
@@ -207,7 +206,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label
     label_smoothing and reduction, except: "mean" over zero non-ignored tokens is 0 (not NaN); "none" returns
     float32 of shape (...,) with 0 at ignored positions; z_loss adds z_loss * logsumexp**2 per non-ignored token.
     """
-    if not (torch.is_tensor(logits) and _dispatch.use_triton(logits) and logits.dtype in KERNEL_DTYPES):
+    if not _dispatch.use_kernel(logits):
         return cross_entropy_ref(logits, targets, ignore_index=ignore_index, reduction=reduction,
                                  label_smoothing=label_smoothing, z_loss=z_loss)
     _validate(logits, targets, ignore_index, reduction, label_smoothing, z_loss)

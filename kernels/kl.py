@@ -19,25 +19,26 @@ Which KL you get depends on argument order: token_kl(policy, ref) is KL(policy |
 PPO/RLHF penalty; the forward KL to a base model is token_kl(base_logits, logits).
 Conventions, as in the float64 math: a p_i = 0 (x_i = -inf) term contributes 0; q_i = 0 where p_i > 0
 gives KL = +inf; a NaN anywhere in a row makes that row's KL NaN.
+
+Memory traffic per row: forward reads 2V elements; backward reads 2V and writes V per requested gradient. The
+PyTorch version also writes and re-reads six (N, V) fp32 temporaries (x/T, y/T, logp, logq, diff, p * diff),
+~48 bytes per logit against the kernel's 2s (s = input element size), and autograd keeps four of them alive
+until the backward.
 """
 
 import torch
 import torch.nn.functional as F
 
 from kernels import _dispatch
-from kernels._dispatch import tl, triton  # stand-ins when triton is missing; use_triton() is then False
+from kernels._dispatch import launch_config, tl, triton
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 runs the reference (e.g. gradcheck)
 
+# -----------------------------------------------------------------------------
+# reference: the same math in plain PyTorch (CPU path and test oracle)
 
 def token_kl_ref(logits, ref_logits, *, temperature=1.0):
-    """Pure-PyTorch KL(softmax(logits/T) || softmax(ref_logits/T)) over the last dim -> (...,).
-
-    Float32 math (float64 for float64 inputs); fine for CPU training and tests, which is what it is for.
-    Traffic per logit, forward only: read x and y (2s bytes, s = input element size), then write and
-    re-read six fp32 (..., V) temporaries (x/T, y/T, logp, logq, diff, p * diff): ~2s + 48 bytes, against
-    the kernel's 2s. Autograd keeps four of them alive until the backward.
-    """
+    _validate(logits, ref_logits, temperature)
+    # fp32 (fp64 for fp64 input, which gradcheck needs), materializing the (..., V) temporaries the kernel avoids
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = F.log_softmax(logits.to(dtype) / temperature, dim=-1)        # (..., V)
     logq = F.log_softmax(ref_logits.to(dtype) / temperature, dim=-1)    # (..., V)
@@ -47,25 +48,34 @@ def token_kl_ref(logits, ref_logits, *, temperature=1.0):
     return (logp.exp() * diff).sum(-1)
 
 
+def _validate(logits, ref_logits, temperature):
+    for name, x in (("logits", logits), ("ref_logits", ref_logits)):
+        if not torch.is_tensor(x):
+            raise ValueError(f"token_kl: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"token_kl: {name}.dtype = {x.dtype}, expected a floating dtype")
+        if x.dim() < 1 or x.shape[-1] < 1:
+            raise ValueError(f"token_kl: {name}.shape = {tuple(x.shape)}, expected (..., V) with V >= 1")
+    if logits.shape != ref_logits.shape or logits.dtype != ref_logits.dtype or logits.device != ref_logits.device:
+        raise ValueError(
+            f"token_kl: logits {tuple(logits.shape)} {logits.dtype} {logits.device} and ref_logits "
+            f"{tuple(ref_logits.shape)} {ref_logits.dtype} {ref_logits.device} must match in shape, dtype, device")
+    if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
+        raise ValueError(f"token_kl: temperature = {temperature!r}, expected a finite number > 0")
+
+
 # -----------------------------------------------------------------------------
-# Triton kernels. A row lives at x_ptr + outer * stride_outer + inner * stride_row with unit stride
-# along V, so (B, T, V) slices such as logits[:, :-1] (rows not collapsible into one stride) need no copy.
+# Triton kernels: one program per row
 
 @triton.jit
-def _kl_fwd_kernel(
-    x_ptr, x_stride_outer, x_stride_row,
-    y_ptr, y_stride_outer, y_stride_row,
-    kl_ptr, mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr,   # (N,) float32 outputs
-    n_inner, n_cols, inv_temp,
-    BLOCK: tl.constexpr,
-):
-    # int64: row * stride exceeds 2**31 once N * V does (e.g. 14200 rows of V=151936), and an int32
-    # product would silently wrap to a negative offset and read another row.
+def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b, n_inner, kl_ptr, mean_ptr,
+                   max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr, n_cols, inv_temp, BLOCK: tl.constexpr):
+    # row r of the (A, B, V) views is (r // n_inner, r % n_inner) (see _dispatch.as_rows); x and y share the shape,
+    # not the strides. int64: row * stride exceeds 2**31 once N * V does (e.g. 14200 rows of V=151936), and an
+    # int32 product would silently wrap to a negative offset and read another row.
     row = tl.program_id(0).to(tl.int64)
-    outer = row // n_inner
-    inner = row % n_inner
-    x_ptr += outer * x_stride_outer + inner * x_stride_row
-    y_ptr += outer * y_stride_outer + inner * y_stride_row
+    x_ptr += (row // n_inner) * x_stride_a + (row % n_inner) * x_stride_b
+    y_ptr += (row // n_inner) * y_stride_a + (row % n_inner) * y_stride_b
     cols = tl.arange(0, BLOCK)
 
     m_x = tl.full([], float("-inf"), tl.float32)   # running max of x/T
@@ -73,11 +83,10 @@ def _kl_fwd_kernel(
     s_x = tl.zeros([], tl.float32)                 # sum exp(x/T - m_x)
     s_y = tl.zeros([], tl.float32)
     acc = tl.zeros([], tl.float32)                 # sum exp(x/T - m_x) * (x - y)/T
-    for start in range(0, n_cols, BLOCK):
-        offs = start + cols
-        mask = offs < n_cols
-        x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        y = tl.load(y_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+    for off in range(0, n_cols, BLOCK):
+        mask = off + cols < n_cols
+        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        y = tl.load(y_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
         m_x_new = tl.maximum(m_x, tl.max(x, axis=0))
         m_y_new = tl.maximum(m_y, tl.max(y, axis=0))
         # While every entry seen so far is -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
@@ -122,123 +131,93 @@ def _kl_fwd_kernel(
 # Both need p and q, so both logits are read once; each requested gradient is written once, in the
 # input dtype, scaled by the upstream gradient g of that row.
 @triton.jit
-def _kl_bwd_kernel(
-    x_ptr, x_stride_outer, x_stride_row,
-    y_ptr, y_stride_outer, y_stride_row,
-    dx_ptr, dy_ptr,                        # (N, V) contiguous, input dtype; unused one is a placeholder
-    dkl_ptr, mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr,   # (N,) float32
-    n_inner, n_cols, inv_temp,
-    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)    # int64 for the same reason as in the forward
-    outer = row // n_inner
-    inner = row % n_inner
-    x_ptr += outer * x_stride_outer + inner * x_stride_row
-    y_ptr += outer * y_stride_outer + inner * y_stride_row
-    dx_ptr += row * n_cols
-    dy_ptr += row * n_cols
-    g = tl.load(dkl_ptr + row) * inv_temp
+def _kl_bwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b, n_inner, dx_ptr, dx_stride,
+                   dy_ptr, dy_stride, dkl_ptr, dkl_stride, mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr,
+                   n_cols, inv_temp, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
+    x_ptr += (row // n_inner) * x_stride_a + (row % n_inner) * x_stride_b
+    y_ptr += (row // n_inner) * y_stride_a + (row % n_inner) * y_stride_b
+    dx_ptr += row * dx_stride
+    dy_ptr += row * dy_stride
+    g = tl.load(dkl_ptr + row * dkl_stride) * inv_temp
     mean = tl.load(mean_ptr + row)
     m_x = tl.load(max_x_ptr + row)
     log_s_x = tl.load(logs_x_ptr + row)
     m_y = tl.load(max_y_ptr + row)
     log_s_y = tl.load(logs_y_ptr + row)
     cols = tl.arange(0, BLOCK)
-    for start in range(0, n_cols, BLOCK):
-        offs = start + cols
-        mask = offs < n_cols
-        x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        y = tl.load(y_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+    for off in range(0, n_cols, BLOCK):
+        mask = off + cols < n_cols
+        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        y = tl.load(y_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
         p = tl.exp((x - m_x) - log_s_x)
         if NEED_DX:
             # p_i = 0 has zero gradient; unmasked it would be 0 * (-inf - ...) = NaN
             dx = tl.where(x == float("-inf"), 0.0, p * ((x - y) - mean)) * g
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + off + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DY:
             dy = (tl.exp((y - m_y) - log_s_y) - p) * g
-            tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+            tl.store(dy_ptr + off + cols, dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
 
 # -----------------------------------------------------------------------------
-# host side
+# launchers: validate, allocate, launch
 
-def _kl_forward(x, y, temperature, block=None):
-    x3, y3 = _dispatch.as_rows(x), _dispatch.as_rows(y)                  # (A, B, V)
-    n_inner, n_cols = x3.shape[1], x3.shape[2]
-    n_rows = x3.shape[0] * n_inner
-    kl = _dispatch.empty(n_rows, dtype=torch.float32, device=x.device)     # (N,)
-    # per-row statistics for the backward, each (N,): E_p[x - y]/T, max x/T, log sum exp(x/T - max), same for y
-    stats = [_dispatch.empty(n_rows, dtype=torch.float32, device=x.device) for _ in range(5)]
-    if n_rows > 0:
-        BLOCK, num_warps = _dispatch.launch_config(n_cols, block)
-        _kl_fwd_kernel[(n_rows,)](
-            x3, x3.stride(0), x3.stride(1),
-            y3, y3.stride(0), y3.stride(1),
-            kl, *stats,
-            n_inner, n_cols, 1.0 / temperature,
-            BLOCK=BLOCK, num_warps=num_warps,
-        )
+def _kl_forward(x3, y3, temperature, block):
+    """x3, y3 (A, B, V) with unit last stride (N = A * B rows) -> kl (N,) fp32 and the backward's five (N,) fp32
+    row statistics: E_p[x - y]/T, max x/T, log sum exp(x/T - max x/T), and the same two for y."""
+    A, B, V = x3.shape
+    N = A * B
+    assert y3.shape == x3.shape, f"ref_logits rows {tuple(y3.shape)} != logits rows {tuple(x3.shape)}"
+    assert V == 1 or x3.stride(2) == y3.stride(2) == 1, f"rows must be unit-stride, got {x3.stride()}, {y3.stride()}"
+    kl = _dispatch.empty(N, dtype=torch.float32, device=x3.device)
+    stats = [_dispatch.empty(N, dtype=torch.float32, device=x3.device) for _ in range(5)]
+    if N > 0:
+        BLOCK, num_warps = launch_config(V, block)
+        _kl_fwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), B, kl, *stats, V,
+                             1.0 / temperature, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_kl_fwd"] += 1
     return kl, stats
 
 
-def _kl_backward(x, y, dkl, stats, temperature, need_dx, need_dy, block=None):
-    x3, y3 = _dispatch.as_rows(x), _dispatch.as_rows(y)
-    n_inner, n_cols = x3.shape[1], x3.shape[2]
-    n_rows = x3.shape[0] * n_inner
-    dx = _dispatch.empty(*x.shape, dtype=x.dtype, device=x.device) if need_dx else None   # (..., V)
-    dy = _dispatch.empty(*y.shape, dtype=y.dtype, device=y.device) if need_dy else None   # (..., V)
-    if n_rows > 0:
-        dkl = dkl.reshape(n_rows).float().contiguous()  # (N,); upstream grads may be expanded/strided
-        BLOCK, num_warps = _dispatch.launch_config(n_cols, block)
-        _kl_bwd_kernel[(n_rows,)](
-            x3, x3.stride(0), x3.stride(1),
-            y3, y3.stride(0), y3.stride(1),
-            # the pointer of a gradient that is not needed is never dereferenced (constexpr-pruned)
-            dx if need_dx else dy, dy if need_dy else dx,
-            dkl, *stats,
-            n_inner, n_cols, 1.0 / temperature,
-            NEED_DX=need_dx, NEED_DY=need_dy, BLOCK=BLOCK, num_warps=num_warps,
-        )
+def _kl_backward(x3, y3, dkl, stats, temperature, block, need_dx, need_dy):
+    """dkl (N,) (any stride, e.g. 0 when expanded from a sum) -> dx, dy (A, B, V) in the inputs' dtype, each
+    None unless needed."""
+    A, B, V = x3.shape
+    N = A * B
+    assert dkl.shape == (N,), f"dkl shape {tuple(dkl.shape)} != ({N},)"
+    # contiguous: row r at r * V
+    dx = _dispatch.empty(A, B, V, dtype=x3.dtype, device=x3.device) if need_dx else None
+    dy = _dispatch.empty(A, B, V, dtype=y3.dtype, device=y3.device) if need_dy else None
+    if N > 0:
+        BLOCK, num_warps = launch_config(V, block)
+        # a gradient nobody needs is compiled out (constexpr); the other buffer stands in for its pointer
+        _kl_bwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), B,
+                             dx if need_dx else dy, V, dy if need_dy else dx, V, dkl, dkl.stride(0), *stats, V,
+                             1.0 / temperature, NEED_DX=need_dx, NEED_DY=need_dy, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_kl_bwd"] += 1
     return dx, dy
 
 
 class _TokenKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, temperature, block):
-        kl, stats = _kl_forward(x, y, temperature, block)
-        ctx.save_for_backward(x, y, *stats)
-        ctx.temperature = temperature
-        ctx.block = block
-        return kl.view(x.shape[:-1])
+    def forward(ctx, x3, y3, temperature, block):
+        kl, stats = _kl_forward(x3, y3, temperature, block)
+        ctx.save_for_backward(x3, y3, *stats)  # x3, y3 are the caller's logits (views), not copies
+        ctx.args = (temperature, block)
+        return kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dkl):
-        x, y, *stats = ctx.saved_tensors
-        need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_dx or need_dy):
-            return None, None, None, None
-        dx, dy = _kl_backward(x, y, dkl, stats, ctx.temperature, need_dx, need_dy, ctx.block)
+        x3, y3, *stats = ctx.saved_tensors
+        need_dx, need_dy = ctx.needs_input_grad[:2]
+        dx, dy = _kl_backward(x3, y3, dkl, stats, *ctx.args, need_dx, need_dy)
         return dx, dy, None, None
 
 
-def _check_args(logits, ref_logits, temperature):
-    for name, t in (("logits", logits), ("ref_logits", ref_logits)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"token_kl: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"token_kl: {name}.dtype = {t.dtype}, expected a floating dtype")
-        if t.dim() < 1 or t.shape[-1] < 1:
-            raise ValueError(f"token_kl: {name}.shape = {tuple(t.shape)}, expected (..., V) with V >= 1")
-    if logits.shape != ref_logits.shape or logits.dtype != ref_logits.dtype or logits.device != ref_logits.device:
-        raise ValueError(
-            f"token_kl: logits {tuple(logits.shape)} {logits.dtype} {logits.device} and ref_logits "
-            f"{tuple(ref_logits.shape)} {ref_logits.dtype} {ref_logits.device} must match in shape, dtype, device")
-    if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
-        raise ValueError(f"token_kl: temperature = {temperature!r}, expected a finite number > 0")
-
+# -----------------------------------------------------------------------------
+# public
 
 def token_kl(logits, ref_logits, *, temperature=1.0, _block=None):
     """KL(softmax(logits/T) || softmax(ref_logits/T)) per position: (..., V), (..., V) -> (...,) float32.
@@ -247,7 +226,9 @@ def token_kl(logits, ref_logits, *, temperature=1.0, _block=None):
     TRITON_INTERPRET=1) for float32/bfloat16/float16, the PyTorch reference otherwise. `_block` (private)
     forces the chunk size; tests use it to cover the multi-chunk path on small V.
     """
-    _check_args(logits, ref_logits, temperature)
-    if not (_dispatch.use_triton(logits) and logits.dtype in KERNEL_DTYPES):
+    if not _dispatch.use_kernel(logits):
         return token_kl_ref(logits, ref_logits, temperature=temperature)
-    return _TokenKL.apply(logits, ref_logits, float(temperature), _block)
+    _validate(logits, ref_logits, temperature)
+    x3, y3 = _dispatch.as_rows(logits), _dispatch.as_rows(ref_logits)  # (A, B, V) each, usually views
+    kl = _TokenKL.apply(x3, y3, float(temperature), _block)  # (N,)
+    return kl.view(logits.shape[:-1])

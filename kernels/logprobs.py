@@ -27,8 +27,6 @@ import torch
 from kernels import _dispatch
 from kernels._dispatch import check_indices, check_logits, launch_config, tl, triton
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 # -----------------------------------------------------------------------------
 # reference: the same math in plain PyTorch (CPU path and test oracle)
@@ -210,7 +208,7 @@ def token_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False):
     With return_entropy=True also returns the entropy of softmax(logits / temperature) per position, from the
     same pass over the logits: (logp, entropy). Both outputs are differentiable.
     """
-    if not (torch.is_tensor(logits) and _dispatch.use_triton(logits) and logits.dtype in KERNEL_DTYPES):
+    if not _dispatch.use_kernel(logits):
         return token_logprobs_ref(logits, tokens, temperature=temperature, return_entropy=return_entropy)
     _validate(logits, tokens, temperature)
     x3 = _dispatch.as_rows(logits)  # (A, B, V), usually a view of logits

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _dispatch, bench
-from kernels import kl as kl_mod
 from kernels._dispatch import launches
 from kernels.kl import token_kl, token_kl_ref
 
