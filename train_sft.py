@@ -5,7 +5,7 @@ Both stages minimize next-token cross-entropy; they differ only in which tokens 
   --data=pretrain   every token of the built-in corpus (world.pretrain docs joined by <|endoftext|>,
                     random block_size windows), from scratch -> a base model
   --data=sft        only the response tokens of the built-in demonstrations (world.sft_train); prompt
-                    tokens and padding get target -100 (ignore_index), as in InstructGPT's SFT stage
+                    tokens and padding get target IGNORE, as in InstructGPT's SFT stage
   --data=FILE.jsonl the same with your own {"prompt","completion"} or {"messages": [...]} lines
                     (nanopost.data.load_sft_jsonl; the last 10% of the file is held out for the val loss)
 
@@ -15,57 +15,51 @@ The default pipeline (CPU, 2 cores, ~1M-parameter model; see the README for the 
     python train_sft.py --data=sft --init_from=out/base/ckpt.pt --out_dir=out/sft
 
 More GPUs: torchrun --standalone --nproc_per_node=8 train_sft.py --data=sft --init_from=... --out_dir=...
-Resume a run:  the same command with --init_from=resume (max_iters may be raised; the other flags must match).
-Any knob: --key=value (python train_sft.py --help lists them all).
-
-What happens, top to bottom: config -> distributed setup -> data -> model (scratch / checkpoint / resume)
--> optimizer -> eval helpers -> the loop (lr schedule, grad accumulation, clipping, logging, eval + checkpoint).
+Resume:    python train_sft.py --init_from=resume --out_dir=out/sft [--max_iters=300 ...]: the checkpoint's
+           config, with the knobs you give; run-defining ones (RUN_DEFINING) may not change.
+Any knob:  --key=value (python train_sft.py --help lists them all).
 
 Deliberate choices and deviations:
 - out_dir, max_iters, batch_size and learning_rate default to ""/-1, meaning "the stage default" in
   STAGE_DEFAULTS below: pretraining from scratch wants more steps and a larger learning rate than fine-tuning.
 - Batches are sampled with replacement from an RNG seeded by (seed, step), not by walking epochs: a resumed
   run then draws exactly the batches the uninterrupted run would have, with no iterator state to save.
+- The cosine schedule ends at lr_decay_iters, fixed when the run starts (= its max_iters): a resume with a
+  larger max_iters continues the same curve and then trains on at min_lr.
 - batch_size is the global batch per micro-step (over all ranks); each rank takes its slice. The loss of a step is
   the sum over all its loss tokens (every rank, every micro-step) divided by their total count, and the
-  gradients are all-reduced by hand, so N processes compute the same update as 1 process with the same batch
-  (up to float summation order). Sequences with more response tokens weigh more (a per-token mean, not a
-  per-example mean).
+  gradients are summed by hand, so N processes compute the same update as 1 process with the same batch
+  (up to float summation order). Sequences with more response tokens weigh more (a per-token mean).
 - An example longer than the context keeps its whole prompt and a truncated response (losing its
   <|endoftext|>); an example whose prompt alone fills the context is dropped. Both are counted and printed.
 - sft_kl_coef > 0 adds coef * KL(policy || initial model) per loss token (kernels.token_kl), a cheap anchor
   against forgetting; the frozen copy is stored in the checkpoint so a resumed run anchors to the same model.
-- A non-finite loss or gradient norm (try --learning_rate=1e30) stops the run with a message naming the step
-  and a non-zero exit, before the optimizer step and without writing the checkpoint, so out_dir/ckpt.pt still
-  holds the last good model. Eval also refuses to save a model whose validation loss is non-finite.
 - bf16 autocast and torch.compile are used on CUDA only; on CPU the loop is plain float32 eager torch.
 - Evaluation (rank 0, every eval_interval steps, before the first step and at the end): val loss, held-out loss
   per pretraining skill (forgetting) and the verifier's accuracy on sampled answers to held-out task prompts.
   The task eval is skipped for a scratch model at step 0 (it scores 0 and every sample runs to the length limit).
 """
 
-import contextlib
 import copy
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-import torch.distributed
 
 import kernels
-from nanopost.common import (append_jsonl, build_model, format_eta, get_rng_state, knob, load_model, parse_config,
-                             print0, resolve_device, save_checkpoint, set_rng_state, setup_ddp)
-from nanopost.data import load_sft_jsonl
+from nanopost.common import (Diverged, RunLog, UserError, assert_in_sync, all_reduce_sum, build_model, check_finite,
+                             check_model_finite, entry, format_eta, get_rng_state, knob, load_checkpoint, load_weights,
+                             lock_out_dir, parse_config, print0, resume_config, save_checkpoint, set_rng_state,
+                             setup_runtime, sync_grads, teardown, validate)
+from nanopost.data import IGNORE, check_fit, collate, load_sft_jsonl, sft_example, windows
 from nanopost.evaluate import heldout_losses, spread, task_eval
 from nanopost.model import GPTConfig
 from nanopost.tokenizer import get_tokenizer
 from nanopost.world import encode_doc, load_world
 
-IGNORE = -100  # kernels.cross_entropy's ignore_index: targets we do not learn from (prompt tokens, padding)
 TASK_SHOWN = ("accuracy", "ended", "well_formed", "distinct_valid")  # of task_eval's metrics; log.jsonl has all
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,89 +76,52 @@ class Config:
     world_seed: int = knob(0, "which built-in task world (nanopost.world.load_world)")
     tokenizer: str = knob("nanopost", "tokenizer for a scratch model; a checkpoint brings its own")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = knob("bfloat16", "autocast dtype on CUDA: bfloat16 | float32 (CPU always trains in float32)")
+    dtype: str = knob("bfloat16", "autocast dtype on CUDA (CPU always trains in float32)",
+                      choices=("bfloat16", "float32"))
     compile: bool = knob(True, "torch.compile the model (CUDA only)")
     # optimization
-    max_iters: int = knob(-1, "optimizer steps; -1 = stage default (STAGE_DEFAULTS)")
-    batch_size: int = knob(-1, "sequences per micro-step, summed over all ranks; -1 = stage default")
-    grad_accum: int = knob(1, "micro-steps per optimizer step")
-    learning_rate: float = knob(-1.0, "peak AdamW learning rate; -1 = stage default")
-    min_lr: float = knob(-1.0, "floor of the cosine decay; -1 = learning_rate / 10")
-    warmup_iters: int = knob(20, "linear warmup steps from 0 to learning_rate")
+    max_iters: int = knob(-1, "optimizer steps; -1 = stage default (STAGE_DEFAULTS)", ge=0)
+    batch_size: int = knob(-1, "sequences per micro-step, summed over all ranks; -1 = stage default", ge=1)
+    grad_accum: int = knob(1, "micro-steps per optimizer step", ge=1)
+    learning_rate: float = knob(-1.0, "peak AdamW learning rate; -1 = stage default", gt=0)
+    min_lr: float = knob(-1.0, "floor of the cosine decay; -1 = learning_rate / 10", ge=0)
+    warmup_iters: int = knob(20, "linear warmup steps from 0 to learning_rate", ge=0)
     lr_decay: bool = knob(True, "cosine decay to min_lr after warmup (else constant)")
-    lr_decay_iters: int = knob(-1, "step at which the cosine reaches min_lr; -1 = max_iters")
-    weight_decay: float = knob(0.1, "AdamW decoupled weight decay, on 2-D weights only")
-    beta1: float = knob(0.9, "AdamW beta1")
-    beta2: float = knob(0.95, "AdamW beta2 (0.95: steadier than 0.999 at small batch, as in GPT-3)")
-    grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 = off")
-    sft_kl_coef: float = knob(0.0, "weight of KL(model || initial model) per loss token; 0 = off")
+    lr_decay_iters: int = knob(-1, "step at which the cosine reaches min_lr; -1 = max_iters of the first run", ge=0)
+    weight_decay: float = knob(0.1, "AdamW decoupled weight decay, on 2-D weights only", ge=0)
+    beta1: float = knob(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = knob(0.95, "AdamW beta2 (0.95: steadier than 0.999 at small batch, as in GPT-3)", ge=0, lt=1)
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 = off", ge=0)
+    sft_kl_coef: float = knob(0.0, "weight of KL(model || initial model) per loss token; 0 = off", ge=0)
     # model (scratch only; a checkpoint brings its own shape)
-    n_layer: int = knob(GPTConfig.n_layer, "transformer blocks")
-    n_head: int = knob(GPTConfig.n_head, "attention heads")
-    n_embd: int = knob(GPTConfig.n_embd, "embedding width")
-    block_size: int = knob(GPTConfig.block_size, "context length in tokens")
-    dropout: float = knob(GPTConfig.dropout, "dropout probability (0: too few steps to overfit)")
+    n_layer: int = knob(GPTConfig.n_layer, "transformer blocks", ge=1)
+    n_head: int = knob(GPTConfig.n_head, "attention heads", ge=1)
+    n_embd: int = knob(GPTConfig.n_embd, "embedding width (a multiple of 2 * n_head: rotary pairs)", ge=2)
+    block_size: int = knob(GPTConfig.block_size, "context length in tokens", ge=2)
+    dropout: float = knob(GPTConfig.dropout, "dropout probability (0: too few steps to overfit)", ge=0, lt=1)
     # logging and evaluation
-    log_interval: int = knob(10, "print and log the training loss every this many steps")
-    eval_interval: int = knob(250, "evaluate and save the checkpoint every this many steps (and at the end)")
-    eval_examples: int = knob(64, "val examples (sft) or block_size windows (pretrain) for the val loss")
-    heldout_docs: int = knob(64, "held-out docs per pretraining skill for the forgetting losses")
-    eval_prompts: int = knob(64, "held-out task prompts (spread over all) sampled, scored by the verifier; 0 = off")
-    eval_temperature: float = knob(1.0, "sampling temperature for the task eval")
-    eval_max_new_tokens: int = knob(32, "response length limit for the task eval")
+    log_interval: int = knob(10, "print and log the training loss every this many steps", ge=1)
+    eval_interval: int = knob(250, "evaluate and save every this many steps; 0 = only before and at the end", ge=0)
+    eval_examples: int = knob(64, "val examples (sft) or block_size windows (pretrain) for the val loss", ge=1)
+    heldout_docs: int = knob(64, "held-out docs per pretraining skill for the forgetting losses", ge=1)
+    eval_prompts: int = knob(64, "held-out task prompts (spread over all) sampled, scored by the verifier; 0 = off",
+                             ge=0)
+    eval_temperature: float = knob(1.0, "sampling temperature for the task eval", gt=0)
+    max_new_tokens: int = knob(32, "response length limit for the task eval", ge=1)
 
+
+# a resume may change any other knob (max_iters, learning rates, intervals, coefficients); these define the run
+RUN_DEFINING = ("data", "seed", "world_seed", "tokenizer", "batch_size", "grad_accum", "n_layer", "n_head", "n_embd",
+                "block_size", "dropout", "lr_decay_iters")
 
 # knobs left at -1 (or "") take these. pretrain: 2400 small steps rather than 600 of 32 sequences (the same 2.5M
 # tokens): with batch 16 x 1200 the base copied the target into "a-b=N" 86% of the time (teacher-forced), with
-# 32 x 600 27-54% (lr 2e-3, 4e-3), and copying is what the new task needs. sft: held-out accuracy 93% after 50 steps, 98% after
-# 150; 400 steps reached 100% but forgot ~1.5 nats per token more on every pretraining skill.
+# 32 x 600 27-54% (lr 2e-3, 4e-3), and copying is what the new task needs. sft: held-out accuracy 93% after 50
+# steps, 98% after 150; 400 steps reached 100% but forgot ~1.5 nats per token more on every pretraining skill.
 STAGE_DEFAULTS = {
     "pretrain": dict(out_dir="out/base", max_iters=2400, batch_size=8, learning_rate=1.5e-3),
     "sft": dict(out_dir="out/sft", max_iters=150, batch_size=32, learning_rate=1e-3),
 }
-
-# ----------------------------------------------------------------------------------------------------------------
-# batches: pure functions, imported by the tests
-
-
-def sft_example(tok, prompt, completion, block_size):
-    """Tokens of one chat example as (x, y, truncated), or None when the prompt alone fills the context.
-
-    x = <|user|> prompt <|assistant|> response (without its last token), y = x shifted by one with every
-    position that predicts a prompt token set to IGNORE, so only the response (and its <|endoftext|>) is learned.
-    """
-    p = tok.encode_prompt(prompt)
-    r = tok.encode_response(completion)
-    if len(p) > block_size:
-        return None
-    keep = block_size + 1 - len(p)  # >= 1: x holds len(p) + len(r) - 1 tokens
-    truncated = len(r) > keep
-    r = r[:keep]
-    x = p + r[:-1]
-    y = [IGNORE] * (len(p) - 1) + r  # y[len(p)-1] is predicted from <|assistant|>: the first response token
-    assert len(x) == len(y) <= block_size, (len(x), len(y), block_size)
-    return x, y, truncated
-
-
-def collate(examples, pad_id):
-    """Right-pad a list of (x, y) to the longest: X with pad_id, Y with IGNORE. -> X, Y (B, T) long.
-
-    No attention mask is needed for right padding: attention is causal, so a real token never sees the pads
-    after it, and positions 0..len-1 are the same with or without them.
-    """
-    T = max(len(x) for x, _ in examples)
-    X = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
-    Y = torch.full((len(examples), T), IGNORE, dtype=torch.long)  # (B, T)
-    for i, (x, y) in enumerate(examples):
-        X[i, : len(x)] = torch.tensor(x)
-        Y[i, : len(y)] = torch.tensor(y)
-    return X, Y
-
-
-def windows(stream, starts, block_size):
-    """Pretraining batch: X = stream[s : s+T], Y = stream[s+1 : s+T+1] for each start s. -> (B, T) long each."""
-    idx = torch.as_tensor(starts, dtype=torch.long)[:, None] + torch.arange(block_size)  # (B, T)
-    return stream[idx], stream[idx + 1]
 
 
 def sample_batch(stage, step, seed, n, block_size, stream=None, examples=None, pad_id=0):
@@ -189,59 +146,53 @@ def lr_at(step, lr, min_lr, warmup_iters, decay_iters, decay):
 
 
 def main(argv):
-    cfg = parse_config(Config, argv)
+    cfg, given = parse_config(Config, argv)
     stage = "pretrain" if cfg.data == "pretrain" else "sft"
     # resolve the stage defaults now, so the config saved in the checkpoint holds the values actually used
     cfg = replace(cfg, **{k: v for k, v in STAGE_DEFAULTS[stage].items() if getattr(cfg, k) in (-1, "")})
-    if cfg.min_lr < 0:
-        cfg = replace(cfg, min_lr=cfg.learning_rate / 10)
-    if cfg.lr_decay_iters < 0:
-        cfg = replace(cfg, lr_decay_iters=cfg.max_iters)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # distributed setup and device
-
-    device = resolve_device(cfg.device)
-    dist = setup_ddp(device)
-    if cfg.batch_size % dist.world_size != 0:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {dist.world_size} processes")
-    if dist.ddp and device.startswith("cuda"):
-        device = f"cuda:{dist.local_rank}"  # setup_ddp already made it the current device
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+, loss unaffected here
-        torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = device_type == "cuda" and cfg.dtype == "bfloat16"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    # the same seed on every rank: the scratch init must be identical everywhere (we never broadcast weights)
-    torch.manual_seed(cfg.seed)
-    if dist.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+    cfg = replace(cfg, min_lr=cfg.learning_rate / 10 if cfg.min_lr < 0 else cfg.min_lr,
+                  lr_decay_iters=cfg.max_iters if cfg.lr_decay_iters < 0 else cfg.lr_decay_iters)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    resume = cfg.init_from == "resume"
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = resume_config(Config, {**given, "out_dir": cfg.out_dir}, ckpt, ckpt_path, "train_sft.py", RUN_DEFINING)
+        stage = "pretrain" if cfg.data == "pretrain" else "sft"
+    elif cfg.init_from != "scratch":
+        ckpt = load_checkpoint(cfg.init_from)
+    validate(cfg)
+    if ckpt is None and (cfg.n_embd % (2 * cfg.n_head)):
+        raise UserError(f"--n_embd={cfg.n_embd} --n_head={cfg.n_head}: the head size n_embd/n_head must be even "
+                        f"(rotary positions rotate pairs of channels)")
+    if resume and cfg.sft_kl_coef > 0 and "ref_model" not in ckpt:
+        raise UserError(f"--sft_kl_coef={cfg.sft_kl_coef}: {ckpt_path} was trained without the KL anchor, so it "
+                        f"holds no reference model to anchor to")
 
     # ------------------------------------------------------------------------------------------------------------
-    # model: from scratch, from a checkpoint (e.g. the base model for SFT), or resume this run
+    # runtime, out_dir, model: from scratch, from a checkpoint (e.g. the base model for SFT), or resume this run
 
-    ckpt = None
-    if cfg.init_from == "scratch":
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    if cfg.batch_size % rt.world_size != 0:
+        raise UserError(f"--batch_size={cfg.batch_size}: must divide evenly over the {rt.world_size} processes")
+    if rt.master:
+        lock_out_dir(cfg.out_dir)
+    torch.manual_seed(cfg.seed)  # the same on every rank: the scratch init must match (weights are never broadcast)
+    if ckpt is None:
         tok = get_tokenizer(cfg.tokenizer)
         model_args = asdict(GPTConfig(block_size=cfg.block_size, vocab_size=tok.vocab_size, n_layer=cfg.n_layer,
                                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
         model = build_model(model_args)
     else:
-        path = ckpt_path if cfg.init_from == "resume" else cfg.init_from
-        model, ckpt = load_model(path, "cpu")
         model_args = ckpt["model_args"]
+        model = load_weights(build_model(model_args), ckpt["model"])
         tok = get_tokenizer(ckpt.get("tokenizer", cfg.tokenizer))
-        if model_args["vocab_size"] < tok.vocab_size:  # e.g. a checkpoint from before the BPE was retrained
-            raise ValueError(f"{path}: the model has {model_args['vocab_size']} token embeddings but tokenizer "
-                             f"{tok.name!r} has {tok.vocab_size} tokens")
-        print0(f"loaded {path} (step {ckpt.get('step')}); its shape overrides n_layer/n_head/n_embd/block_size")
-    model.to(device)
+        if model_args["vocab_size"] < tok.vocab_size:
+            raise UserError(f"{cfg.init_from}: the model has {model_args['vocab_size']} token embeddings but "
+                            f"tokenizer {tok.name!r} has {tok.vocab_size} tokens")
+        print0(f"loaded {cfg.init_from} (step {ckpt.get('step')}); its shape overrides n_layer/n_head/n_embd/"
+               f"block_size")
+    model.to(rt.device)
     block_size = model_args["block_size"]
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters | {model_args}")
 
@@ -249,9 +200,8 @@ def main(argv):
     ref_model = None
     if cfg.sft_kl_coef > 0:
         ref_model = copy.deepcopy(model)
-        if cfg.init_from == "resume":
-            assert "ref_model" in ckpt, "resuming with sft_kl_coef > 0 needs a checkpoint saved with the KL anchor"
-            ref_model.load_state_dict(ckpt["ref_model"])
+        if resume:
+            load_weights(ref_model, ckpt["ref_model"])
         ref_model.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -259,6 +209,8 @@ def main(argv):
 
     world = load_world(seed=cfg.world_seed)
     eval_prompts = spread(world.eval_prompts, cfg.eval_prompts)  # every phrasing, not only the first
+    if eval_prompts:
+        check_fit(tok, eval_prompts, block_size, cfg.max_new_tokens, "the built-in eval prompts")
     stream = val_stream = train_examples = val_examples = None
     if stage == "pretrain":
         # every skill's docs, each ending in <|endoftext|>, as one stream: windows cross doc boundaries like GPT-2's
@@ -266,13 +218,13 @@ def main(argv):
         val_stream = torch.tensor([t for s in world.skills for d in world.heldout[s] for t in encode_doc(tok, d)])
         for name, s in (("pretrain", stream), ("held-out", val_stream)):
             if len(s) <= block_size + 1:
-                raise ValueError(f"the {name} stream has {len(s)} tokens, fewer than block_size+2={block_size + 2}")
+                raise UserError(f"the {name} stream has {len(s)} tokens, fewer than block_size+2={block_size + 2}")
         print0(f"data: pretrain stream {len(stream):,} tokens | held-out {len(val_stream):,} tokens")
     else:
         if cfg.data == "sft":
             train_raw, val_raw = world.sft_train, world.sft_val
         else:
-            raw = load_sft_jsonl(cfg.data)  # ValueError("path:LINE: ...") on a bad line
+            raw = load_sft_jsonl(cfg.data)  # UserError("path:LINE: ...") on a bad line
             # hold out the last 10% as validation; a tiny file validates on its training examples
             n_val = len(raw) // 10
             train_raw, val_raw = (raw[:-n_val], raw[-n_val:]) if n_val > 0 else (raw, raw)
@@ -283,7 +235,7 @@ def main(argv):
             print0(f"data: sft {split} {len(kept)} examples | {n_trunc} responses truncated to block_size={block_size}"
                    f" | {len(made) - len(kept)} dropped (prompt alone fills the context)")
             if not kept:
-                raise ValueError(f"{cfg.data}: no {split} example fits in block_size={block_size}")
+                raise UserError(f"{cfg.data}: no {split} example fits in block_size={block_size}")
             if split == "train":
                 train_examples = kept
             else:
@@ -294,11 +246,11 @@ def main(argv):
         X, Y = sample_batch(stage, step, cfg.seed, cfg.batch_size * cfg.grad_accum, block_size,
                             stream=stream, examples=train_examples, pad_id=tok.eot_id)
         n_tokens = int((Y != IGNORE).sum())  # over all ranks and micro-steps: the divisor of the step's loss
-        b = cfg.batch_size // dist.world_size
+        b = cfg.batch_size // rt.world_size
         micro = []
         for k in range(cfg.grad_accum):
-            lo = k * cfg.batch_size + dist.rank * b  # this rank's slice of micro-batch k
-            micro.append((X[lo:lo + b].to(device), Y[lo:lo + b].to(device)))
+            lo = k * cfg.batch_size + rt.rank * b  # this rank's slice of micro-batch k
+            micro.append((X[lo:lo + b].to(rt.device), Y[lo:lo + b].to(rt.device)))
         return micro, n_tokens
 
     # ------------------------------------------------------------------------------------------------------------
@@ -308,20 +260,20 @@ def main(argv):
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                  fused=device_type == "cuda")
+                                  fused=rt.device_type == "cuda")
     step = 0
-    if cfg.init_from == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if resume:
+        optimizer.load_state_dict(ckpt["optimizer"])  # the lr is set again every step, from the schedule
         step = ckpt["step"]
         set_rng_state(ckpt["rng"])
     ckpt = None  # free the loaded tensors
 
     raw_model = model  # eval, sampling and checkpoints use the uncompiled module
-    if cfg.compile and device_type == "cuda":
+    if cfg.compile and rt.device_type == "cuda":
         model = torch.compile(model)
 
     # ------------------------------------------------------------------------------------------------------------
-    # evaluation (rank 0 only)
+    # evaluation (rank 0 only) and checkpoints
 
     @torch.no_grad()
     def val_loss():
@@ -335,46 +287,49 @@ def main(argv):
             batches = [collate(ex[i:i + cfg.batch_size], tok.eot_id) for i in range(0, len(ex), cfg.batch_size)]
         total, count = 0.0, 0
         for X, Y in batches:
-            with autocast():
-                logits = raw_model(X.to(device))  # (B, T, V)
-            total += float(kernels.cross_entropy(logits.flatten(0, 1), Y.to(device).flatten(), reduction="sum"))
+            with rt.autocast():
+                logits = raw_model(X.to(rt.device))  # (B, T, V)
+            total += float(kernels.cross_entropy(logits.flatten(0, 1), Y.to(rt.device).flatten(), reduction="sum"))
             count += int((Y != IGNORE).sum())
         return total / count
 
     def evaluate(step):
         raw_model.eval()
         record = dict(kind="eval", step=step, val_loss=val_loss())
-        with autocast():
-            record["heldout"] = heldout_losses(raw_model, tok, world, device, max_docs=cfg.heldout_docs)
+        with rt.autocast():
+            record["heldout"] = heldout_losses(raw_model, tok, world, rt.device, max_docs=cfg.heldout_docs)
             # a scratch model at step 0 scores 0 and runs every sample to the length limit: not worth the time
-            if cfg.eval_prompts > 0 and not (step == 0 and cfg.init_from == "scratch"):
+            if eval_prompts and not (step == 0 and cfg.init_from == "scratch"):
                 record["task"] = task_eval(raw_model, tok, world, eval_prompts, k=1,
-                                           temperature=cfg.eval_temperature, max_new_tokens=cfg.eval_max_new_tokens,
-                                           seed=cfg.seed, device=device)
+                                           temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                                           seed=cfg.seed, device=rt.device)
         raw_model.train()
         line = f"eval {step}/{cfg.max_iters} | val {record['val_loss']:.4f} | heldout " + " ".join(
             f"{s} {v:.4f}" for s, v in record["heldout"].items())
         if "task" in record:
             line += " | task " + " ".join(f"{k} {record['task'][k]:.3f}" for k in TASK_SHOWN)
         print(line)
-        append_jsonl(log_path, record)
+        log.write(record)
         return record
 
     def save(step):
+        check_model_finite(step, ckpt_path, model=raw_model)
         obj = dict(model=raw_model.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(),
-                   config=asdict(cfg), step=step, rng=get_rng_state(), tokenizer=tok.name, stage=stage)
+                   config=asdict(cfg), step=step, rng=get_rng_state(), tokenizer=tok.name, stage=stage,
+                   script="train_sft.py")
         if ref_model is not None:
             obj["ref_model"] = ref_model.state_dict()
         save_checkpoint(ckpt_path, obj)
+        print(f"saved {ckpt_path} at step {step}")
 
     # ------------------------------------------------------------------------------------------------------------
     # training loop
 
-    first = None  # the eval before training, for the before/after forgetting table
-    if dist.master:
-        if cfg.init_from != "resume" and os.path.exists(log_path):
-            os.remove(log_path)  # a fresh run starts a fresh log; resume appends to it
-        first = evaluate(step)
+    log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), resume_step=step if resume else None, master=rt.master)
+    first = record = None  # evals before and after, for the forgetting table
+    if rt.master:
+        # a resume does not evaluate its starting point again: the log already holds that step's eval
+        first = log.first("eval") if resume else evaluate(step)
     model.train()
     t_start, step_start = time.time(), step
     while step < cfg.max_iters:
@@ -385,73 +340,57 @@ def main(argv):
             group["lr"] = lr
 
         micro, n_tokens = get_batch(step)
-        stats = torch.zeros(2, device=device)  # [sum of CE, sum of KL] over this rank's loss tokens
+        stats = torch.zeros(2, device=rt.device)  # [sum of CE, sum of KL] over this rank's loss tokens
         for X, Y in micro:
-            with autocast():
+            with rt.autocast():
                 logits = model(X)  # (b, T, V)
             loss_sum = kernels.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum")
             loss = loss_sum / n_tokens
             stats[0] += loss_sum.detach()
             if ref_model is not None:
-                with torch.no_grad(), autocast():
+                with torch.no_grad(), rt.autocast():
                     ref_logits = ref_model(X)  # (b, T, V)
                 kl_sum = (kernels.token_kl(logits, ref_logits) * (Y != IGNORE)).sum()  # over loss tokens only
                 loss = loss + cfg.sft_kl_coef * kl_sum / n_tokens
                 stats[1] += kl_sum.detach()
             loss.backward()
-        if dist.ddp:
-            # each rank's loss is already divided by the global token count, so summing the gradients gives the
-            # gradient of the global mean (DDP's averaging would need a * world_size to undo)
-            for p in params:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-            torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
-        ce, kl = (stats / n_tokens).tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if not (math.isfinite(ce) and math.isfinite(kl) and math.isfinite(float(grad_norm))):
-            # stop before the optimizer step: the weights in memory and in ckpt.pt are still the last good ones
-            if dist.master:
-                print(f"error: non-finite loss {ce} (kl {kl}, grad norm {float(grad_norm)}) at step {step}; "
-                      f"{ckpt_path} keeps the last good checkpoint. Try a lower learning_rate.", file=sys.stderr)
-            sys.exit(1)
+        sync_grads(params)
+        ce, kl = (all_reduce_sum(stats) / n_tokens).tolist()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        check_finite(step, ckpt_path, loss=ce, kl=kl, grad_norm=grad_norm)  # before the step: weights still good
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if rt.ddp:
+            assert_in_sync(raw_model, step, "model")
 
         # logging: one line and one JSON record per log_interval steps
         dt = time.time() - t0
-        tokens_per_step = sum(X.numel() for X, _ in micro) * dist.world_size  # padded tokens processed
+        tokens_per_step = sum(X.numel() for X, _ in micro) * rt.world_size  # padded tokens processed
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             eta = (time.time() - t_start) / (step - step_start) * (cfg.max_iters - step)
             line = (f"step {step}/{cfg.max_iters} | loss {ce:.4f} | lr {lr:.1e} | tok/s {tokens_per_step / dt:.0f}"
                     f" | eta {format_eta(eta)}")
-            if ref_model is not None:
-                line += f" | kl {kl:.4f}"
-            print0(line)
-            if dist.master:
-                append_jsonl(log_path, dict(kind="train", step=step, loss=ce, kl=kl, lr=lr, grad_norm=float(grad_norm),
-                                            tok_per_s=tokens_per_step / dt, eta_s=eta))
+            print0(line + (f" | kl {kl:.4f}" if ref_model is not None else ""))
+            log.write(dict(kind="train", step=step, loss=ce, kl=kl, lr=lr, grad_norm=grad_norm,
+                           tok_per_s=tokens_per_step / dt, eta_s=eta))
 
-        if dist.master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
+        if rt.master and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters):
             record = evaluate(step)
-            if not math.isfinite(record["val_loss"]):
-                print(f"error: non-finite validation loss at step {step}; not saving, {ckpt_path} keeps the last "
-                      f"good checkpoint", file=sys.stderr)
-                sys.exit(1)
+            check_finite(step, ckpt_path, val_loss=record["val_loss"])
             save(step)
-            print(f"saved {ckpt_path} at step {step}")
 
     # ------------------------------------------------------------------------------------------------------------
     # summary: forgetting on each pretraining skill, before vs after this run
 
-    if dist.master and step > step_start:
+    if rt.master and first is not None and record is not None:
         print(f"done in {format_eta(time.time() - t_start)}. held-out loss per pretraining skill (before -> after):")
         for s, before in first["heldout"].items():
             print(f"  {s:12s} {before:.4f} -> {record['heldout'][s]:.4f}")
         if "task" in first and "task" in record:
             print(f"task accuracy on {len(eval_prompts)} held-out prompts: {first['task']['accuracy']:.3f} -> "
                   f"{record['task']['accuracy']:.3f}")
-    if dist.ddp:
-        torch.distributed.destroy_process_group()
+    teardown(rt)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    entry(main)

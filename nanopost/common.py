@@ -1,17 +1,27 @@
 """
-The plumbing both training scripts share: the config system, checkpoints, distributed setup, logs.
+The plumbing both training scripts share, written once so the two loops behave the same way.
 
-Config: each script declares a dataclass whose fields are `knob(default, help)`; `parse_config` reads
-`--key=value` overrides, checks their types against the defaults, refuses unknown keys and prints
-every knob with its help for `--help`.
+  config       each script declares a dataclass of `knob(default, help, ...)` fields; `parse_config` reads
+               `--key=value` overrides (type-checked, unknown keys refused, `--help` lists them all) and
+               `validate` checks every knob's range before anything in out_dir is touched
+  errors       `UserError` (bad input: one line `error: ...`, exit 2) and `Diverged` (a non-finite loss or
+               model: exit 1, the last good checkpoint intact); `entry` turns them into that line and exit code
+  runtime      device, data parallel (torchrun), bf16 autocast and TF32 in one `Runtime`; the gradient all-reduce
+  run files    one run per out_dir (a lock), checkpoints written atomically and read without executing code,
+               the run log, and the resume policy: what a resume may change and what it may not
 """
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
+import tempfile
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -21,10 +31,35 @@ from nanopost.model import GPT, GPTConfig
 
 
 # -----------------------------------------------------------------------------
+# errors
+
+class UserError(ValueError):
+    """Bad user input (a knob, a file, a checkpoint): reported as one line, no traceback, exit 2."""
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or model: exit 1 with out_dir/ckpt.pt still the last good one."""
+
+
+def entry(main):
+    """Run main(sys.argv[1:]) as a command: UserError and Diverged become one `error:` line on stderr and exit 2
+    or 1; anything else is an internal bug and keeps its traceback."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+# -----------------------------------------------------------------------------
 # config
 
-def knob(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def knob(default, help, *, ge=None, gt=None, lt=None, choices=None):
+    """A config field: its default, one line of help, and the values it accepts (checked by `validate`)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, ge=ge, gt=gt, lt=lt, choices=choices))
 
 
 def _parse_value(key, text, kind):
@@ -33,15 +68,19 @@ def _parse_value(key, text, kind):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--{key}={text}: expected a bool (true/false)")
+        raise UserError(f"--{key}={text}: expected a bool (true/false)")
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
-        raise ValueError(f"--{key}={text}: expected {kind.__name__}") from None
+        raise UserError(f"--{key}={text}: expected {kind.__name__}") from None
+    if kind is float and not math.isfinite(value):
+        raise UserError(f"--{key}={text}: expected a finite number")
+    return value
 
 
 def parse_config(cls, argv=None):
-    """Build cls() with --key=value overrides from argv; --help prints the knobs and exits."""
+    """-> (cls() with the --key=value overrides of argv, {key: value} of the overrides given).
+    --help prints every knob with its default and help, then exits."""
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "--help" in argv or "-h" in argv:
@@ -49,49 +88,87 @@ def parse_config(cls, argv=None):
         for f in fields.values():
             print(f"  --{f.name}={f.default!s:<24} {f.metadata.get('help', '')}")
         sys.exit(0)
-    overrides = {}
+    given = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"bad argument {arg!r}: expected --key=value (see --help)")
+            raise UserError(f"bad argument {arg!r}: expected --key=value (see --help)")
         key, text = arg[2:].split("=", 1)
         if key not in fields:
-            raise ValueError(f"unknown config key --{key} (see --help for the list)")
-        kind = type(fields[key].default)
-        overrides[key] = _parse_value(key, text, kind)
-    return cls(**overrides)
+            raise UserError(f"unknown knob --{key} (see --help for the list)")
+        given[key] = _parse_value(key, text, type(fields[key].default))
+    return cls(**given), given
+
+
+def validate(cfg):
+    """Check every knob against the range its `knob(...)` declares; the error names the knob and the value."""
+    for f in dataclasses.fields(cfg):
+        value, m = getattr(cfg, f.name), f.metadata
+        if m.get("choices") is not None and value not in m["choices"]:
+            raise UserError(f"--{f.name}={value}: expected one of {', '.join(map(str, m['choices']))}")
+        if m.get("ge") is not None and value < m["ge"]:
+            raise UserError(f"--{f.name}={value}: must be >= {m['ge']}")
+        if m.get("gt") is not None and value <= m["gt"]:
+            raise UserError(f"--{f.name}={value}: must be > {m['gt']}")
+        if m.get("lt") is not None and value >= m["lt"]:
+            raise UserError(f"--{f.name}={value}: must be < {m['lt']}")
 
 
 # -----------------------------------------------------------------------------
-# devices and distributed data parallel
+# runtime: device, data parallel, autocast
 
 @dataclasses.dataclass
-class Dist:
-    ddp: bool
+class Runtime:
+    device: str       # "cpu", "cuda" or "cuda:N" (this rank's GPU under torchrun)
     rank: int
     local_rank: int
     world_size: int
+    bf16: bool        # bfloat16 autocast (CUDA only: CPU always runs float32)
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
 
     @property
     def master(self):
         return self.rank == 0
 
+    @property
+    def device_type(self):
+        return "cuda" if self.device.startswith("cuda") else "cpu"
 
-def resolve_device(name):
-    if name == "auto":
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+
+def resolve_device(device):
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device={device}: expected auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={device}: CUDA is not available on this machine")
+    return device
 
 
-def setup_ddp(device):
-    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return Dist(False, 0, 0, 1)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend=backend)
-    d = Dist(True, dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size())
-    if backend == "nccl":
-        torch.cuda.set_device(d.local_rank)
-    return d
+def setup_runtime(device="auto", dtype="float32"):
+    """Pick the device, join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    device = resolve_device(device)
+    rank, local_rank, world_size = 0, 0, 1
+    if int(os.environ.get("RANK", -1)) != -1:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+, loss unaffected here
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, rank, local_rank, world_size, bf16=device.startswith("cuda") and dtype == "bfloat16")
+
+
+def teardown(rt):
+    if rt.ddp:
+        dist.destroy_process_group()
 
 
 def print0(*args, **kwargs):
@@ -99,45 +176,123 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def all_reduce_sum(t):
+    """Sum a tensor over ranks in place (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def sync_grads(params):
+    """Sum gradients over ranks, one collective for all of them. Both scripts divide each rank's loss by the
+    *global* token count, so the sum is exactly the gradient of one process holding the union of the ranks'
+    batches (DDP's averaging would need a * world_size to undo)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def assert_in_sync(model, step, what):
+    """Invariant under data parallel: every rank holds the same weights after an update."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    s = torch.stack([sum(p.detach().double().sum() for p in model.parameters())])
+    lo, hi = s.clone(), s.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    assert lo.item() == hi.item(), f"step {step}: {what} weights differ across ranks ({lo.item()} vs {hi.item()})"
+
+
 # -----------------------------------------------------------------------------
-# checkpoints: written atomically, so a crash or a NaN never leaves a half-written file behind
+# one run per out_dir
+
+_locks = []  # open lock files: closing one (or the process dying, even by kill -9) releases its lock
+
+
+def lock_out_dir(out_dir):
+    """Create out_dir and hold an exclusive lock on it for the life of the process; a second run into the same
+    out_dir would interleave checkpoints and logs, so it stops with the pid of the first."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{out_dir} is in use by pid {pid} (one run per out_dir)") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _locks.append(f)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written atomically, read without executing code
 
 def save_checkpoint(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a mix
+    """Write obj to a temp file unique to this writer, fsync, then rename over path: readers see the old file or
+    the new one, never a mix, and two writers never share a temp file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def load_checkpoint(path, device="cpu"):
+    """A checkpoint's dict. weights_only=True: tensors and plain containers only, so opening a checkpoint from
+    someone else cannot run their code (a full unpickler would call whatever the file names)."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL (\S+)", str(e))
+        raise UserError(f"checkpoint {path} holds {what.group(1) if what else 'objects'}, not only tensors and plain "
+                        f"data: refused, since loading it could run code") from None
     except Exception as e:  # torch raises several unrelated types for a truncated or foreign file
-        raise ValueError(f"checkpoint {path} could not be read: {e}") from e
+        raise UserError(f"checkpoint {path} could not be read: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"checkpoint {path} has no 'model' and 'model_args' entries; is it a nanopost checkpoint?")
+    return ckpt
 
 
 def build_model(model_args):
     return GPT(GPTConfig(**model_args))
 
 
+def load_weights(model, state_dict):
+    # a torch.compile'd module saves its keys under "_orig_mod."; strip it so any checkpoint loads
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state_dict.items()})
+    return model
+
+
 def load_model(path, device="cpu"):
     """The language model stored under "model" in any nanopost checkpoint, and the checkpoint."""
     ckpt = load_checkpoint(path, device)
-    for key in ("model", "model_args"):
-        if key not in ckpt:
-            raise ValueError(f"checkpoint {path} has no {key!r} entry; is it a nanopost checkpoint?")
-    model = build_model(ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
+    model = load_weights(build_model(ckpt["model_args"]), ckpt["model"])
     return model.to(device), ckpt
 
 
 def get_rng_state():
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    """Every global RNG, as tensors and plain data (what weights_only loading accepts)."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    state = dict(python=random.getstate(), numpy=np_state, torch=torch.get_rng_state())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -145,21 +300,105 @@ def get_rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
+    np_state["state"]["key"] = np.array(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # -----------------------------------------------------------------------------
-# logs
+# the non-finite policy: never take a step on a non-finite gradient, never save a model that computes NaN
+
+def check_finite(step, ckpt_path, **values):
+    """Raise Diverged naming every non-finite value (loss, gradient norm, ...) at this step."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(float(v))}
+    if bad:
+        raise Diverged(f"non-finite {', '.join(f'{k}={float(v)}' for k, v in bad.items())} at step {step}; "
+                       f"{ckpt_path} keeps the last good checkpoint. Try a lower learning_rate.")
+
+
+@torch.no_grad()
+def check_model_finite(step, ckpt_path, **models):
+    """Before a save: finite weights, and finite outputs on a fixed batch (weights of ~1e30 are finite, yet
+    every forward pass gives inf or NaN, and a checkpoint holding them is useless)."""
+    for name, model in models.items():
+        params = list(model.parameters())
+        cfg = getattr(model, "config", None) or model.trunk.config
+        probe = torch.arange(min(cfg.block_size, 16), device=params[0].device).remainder(cfg.vocab_size)[None]
+        was_training = model.training
+        model.eval()  # no dropout: the probe must not draw from the RNG a resumed run replays
+        finite = all(bool(torch.isfinite(p).all()) for p in params) and bool(torch.isfinite(model(probe)).all())
+        model.train(was_training)
+        if not finite:
+            raise Diverged(f"the {name} is non-finite after step {step} (weights or outputs); not saving, "
+                           f"{ckpt_path} keeps the last good checkpoint. Try a lower learning_rate.")
+
+
+# -----------------------------------------------------------------------------
+# resume: the checkpoint's config, with the knobs the command line may change
+
+def resume_config(cls, given, ckpt, path, script, fixed):
+    """The config of a resumed run: the checkpoint's, overridden by the knobs given on the command line.
+
+    A run-defining knob (in `fixed`) given with another value is an error naming every such key with both
+    values, raised before anything is written. Other knobs given with a new value are applied and printed."""
+    if ckpt.get("script") != script:
+        raise UserError(f"{path} was written by {ckpt.get('script', 'an unknown script')}, not {script}; "
+                        f"resume it with that script, or start from it with --init_from={path}")
+    saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(cls)}}
+    diff = {k: (saved[k], v) for k, v in given.items() if k != "init_from" and k in saved and saved[k] != v}
+    refused = {k: d for k, d in diff.items() if k in fixed}
+    if refused:
+        raise UserError(f"cannot resume {path}: " + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+                        + " (run-defining; start a new run in another out_dir)")
+    for k, (a, b) in diff.items():
+        print0(f"changed: {k} {a} -> {b}")
+    # init_from keeps what the run started from, so the saved config still says where it came from
+    return cls(**{**saved, **given, "init_from": saved.get("init_from", "scratch")})
+
+
+# -----------------------------------------------------------------------------
+# the run log: out_dir/log.jsonl, one JSON object per logged step
+
+def _strict(value):
+    """NaN and inf become null, at any depth: they are not JSON, and strict readers reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
 
 def append_jsonl(path, record):
-    """One JSON line per record. NaN and inf become null: they are not JSON, and strict readers reject them
-    (PPO's explained variance is NaN when every return in a batch is the same)."""
-    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(path, "a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.write(json.dumps(_strict(record), allow_nan=False) + "\n")
+
+
+class RunLog:
+    """out_dir/log.jsonl. A fresh run starts an empty log; a resume from step S keeps the records at or before
+    S and drops the rest (written after the last save, then lost to a crash), so every step appears once."""
+
+    def __init__(self, path, resume_step=None, master=True):
+        self.path, self.master, self.kept = path, master, []
+        if not master:
+            return
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                self.kept = [r for r in map(json.loads, f) if r.get("step", 0) <= resume_step]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.kept)
+
+    def write(self, record):
+        if self.master:
+            append_jsonl(self.path, record)
+
+    def first(self, kind):
+        """The first kept record of this kind (a resumed run's 'before'), or None."""
+        return next((r for r in self.kept if r.get("kind") == kind), None)
 
 
 def format_eta(seconds):

@@ -1,5 +1,6 @@
 """
-Loading user data from JSONL (one JSON object per line, UTF-8).
+User data from JSONL (one JSON object per line, UTF-8), and the batches both training scripts and the evaluation
+build from tokens (`sft_example`, `collate`, `windows`, one `IGNORE`).
 
   SFT   {"prompt": str, "completion": str}
         or {"messages": [{"role": "user", "content": str}, {"role": "assistant", "content": str}]}
@@ -8,7 +9,7 @@ Loading user data from JSONL (one JSON object per line, UTF-8).
         or {"skill": str, "prompt": str, "completion": str}
 
 Strict on purpose: a training set that silently loses or misreads lines is worse than one that fails.
-Every problem is a ValueError "path:LINE: what is wrong". In particular
+Every problem is a UserError "path:LINE: what is wrong". In particular
   - a blank (or whitespace-only) line is an error, not skipped: it usually means a broken concatenation;
   - unknown keys are an error ({"prompt", "response"} is a typo of "completion", not extra metadata);
   - prompts and completions must be non-empty strings;
@@ -17,50 +18,60 @@ Every problem is a ValueError "path:LINE: what is wrong". In particular
 
 import json
 
+import torch
+
+from nanopost.common import UserError
+
+# kernels.cross_entropy's ignore_index: targets nothing learns from (prompt tokens, padding)
+IGNORE = -100
+
 
 def _records(path):
-    """Yield (lineno, dict) for each line of a JSONL file, raising ValueError("path:LINE: ...") on any problem."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    """Yield (lineno, dict) for each line of a JSONL file, raising UserError("path:LINE: ...") on any problem."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         lineno = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+        raise UserError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
     if text.startswith("\ufeff"):
         text = text[1:]  # tolerate a UTF-8 byte-order mark (some editors write one)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line does not start another one
     if not lines:
-        raise ValueError(f"{path}: empty file (expected one JSON object per line)")
+        raise UserError(f"{path}: empty file (expected one JSON object per line)")
     for lineno, line in enumerate(lines, 1):
         line = line.rstrip("\r")  # Windows line ends
         if not line.strip():
-            raise ValueError(f"{path}:{lineno}: blank line (blank lines are not allowed; remove it)")
+            raise UserError(f"{path}:{lineno}: blank line (blank lines are not allowed; remove it)")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
 
 
 def _check_keys(path, lineno, obj, allowed):
     unknown = sorted(set(obj) - set(allowed))
     if unknown:
-        raise ValueError(f"{path}:{lineno}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
+        raise UserError(f"{path}:{lineno}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
     missing = [k for k in allowed if k not in obj]
     if missing:
-        raise ValueError(f"{path}:{lineno}: missing key(s) {missing}")
+        raise UserError(f"{path}:{lineno}: missing key(s) {missing}")
 
 
 def _text(path, lineno, value, what):
     if not isinstance(value, str):
-        raise ValueError(f"{path}:{lineno}: {what} must be a string, got {type(value).__name__}")
+        raise UserError(f"{path}:{lineno}: {what} must be a string, got {type(value).__name__}")
     if value == "":
-        raise ValueError(f"{path}:{lineno}: {what} is empty")
+        raise UserError(f"{path}:{lineno}: {what} is empty")
     return value
 
 
@@ -68,16 +79,16 @@ def _from_messages(path, lineno, messages):
     # exactly one user turn then one assistant turn: that is all the chat format
     # <|user|>{prompt}<|assistant|>{response}<|endoftext|> can express (no system turn, no multi-turn history)
     if not isinstance(messages, list):
-        raise ValueError(f"{path}:{lineno}: messages must be a list, got {type(messages).__name__}")
+        raise UserError(f"{path}:{lineno}: messages must be a list, got {type(messages).__name__}")
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
     if roles != ["user", "assistant"]:
-        raise ValueError(f"{path}:{lineno}: messages must be exactly [user, assistant] (one turn each, no system "
+        raise UserError(f"{path}:{lineno}: messages must be exactly [user, assistant] (one turn each, no system "
                          f"message: the chat format has one prompt and one response), got roles {roles}")
     out = []
     for i, m in enumerate(messages):
         unknown = sorted(set(m) - {"role", "content"})
         if unknown or "content" not in m:
-            raise ValueError(f"{path}:{lineno}: messages[{i}] must have exactly the keys 'role' and 'content', "
+            raise UserError(f"{path}:{lineno}: messages[{i}] must have exactly the keys 'role' and 'content', "
                              f"got {sorted(m)}")
         out.append(_text(path, lineno, m["content"], f"messages[{i}].content"))
     return out
@@ -98,13 +109,27 @@ def load_sft_jsonl(path):
     return examples
 
 
-def load_ppo_jsonl(path):
-    """PPO prompts -> list[str]; each line is {"prompt": str}."""
+def load_ppo_jsonl(path, tok, max_prompt_tokens):
+    """PPO prompts -> list[str]; each line is {"prompt": str}. A prompt that leaves no room for the response
+    in the context is an error here, at load time, not when a batch happens to draw it hours into a run."""
     prompts = []
     for lineno, obj in _records(path):
         _check_keys(path, lineno, obj, ["prompt"])
-        prompts.append(_text(path, lineno, obj["prompt"], "prompt"))
+        prompt = _text(path, lineno, obj["prompt"], "prompt")
+        n = len(tok.encode_prompt(prompt))
+        if n > max_prompt_tokens:
+            raise UserError(f"{path}:{lineno}: prompt is {n} tokens in the chat format; at most "
+                            f"{max_prompt_tokens} fit (block_size minus max_new_tokens)")
+        prompts.append(prompt)
     return prompts
+
+
+def check_fit(tok, prompts, block_size, max_new_tokens, source):
+    """Every prompt of `source` (in the chat format) plus max_new_tokens must fit the context."""
+    longest = max(len(tok.encode_prompt(p)) for p in prompts)
+    if longest + max_new_tokens > block_size:
+        raise UserError(f"--max_new_tokens={max_new_tokens}: the longest of {source} is {longest} tokens, and "
+                        f"prompt + response must fit block_size={block_size}")
 
 
 def load_docs_jsonl(path):
@@ -120,3 +145,46 @@ def load_docs_jsonl(path):
                        completion=_text(path, lineno, obj["completion"], "completion"))
         docs.setdefault(_text(path, lineno, obj["skill"], "skill"), []).append(doc)
     return docs
+
+
+# -----------------------------------------------------------------------------
+# batches: SFT examples, pretraining windows, and the padding both use
+
+def sft_example(tok, prompt, completion, block_size):
+    """Tokens of one chat example as (x, y, truncated), or None when the prompt alone fills the context.
+
+    x = <|user|> prompt <|assistant|> response (without its last token), y = x shifted by one with every
+    position that predicts a prompt token set to IGNORE, so only the response (and its <|endoftext|>) is learned.
+    """
+    p = tok.encode_prompt(prompt)
+    r = tok.encode_response(completion)
+    if len(p) > block_size:
+        return None
+    keep = block_size + 1 - len(p)  # >= 1: x holds len(p) + len(r) - 1 tokens
+    truncated = len(r) > keep
+    r = r[:keep]
+    x = p + r[:-1]
+    y = [IGNORE] * (len(p) - 1) + r  # y[len(p)-1] is predicted from <|assistant|>: the first response token
+    assert len(x) == len(y) <= block_size, (len(x), len(y), block_size)
+    return x, y, truncated
+
+
+def collate(examples, pad_id):
+    """Right-pad a list of (x, y) to the longest: X with pad_id, Y with IGNORE. -> X, Y (B, T) long.
+
+    No attention mask is needed for right padding: attention is causal, so a real token never sees the pads
+    after it, and positions 0..len-1 are the same with or without them.
+    """
+    T = max(len(x) for x, _ in examples)
+    X = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
+    Y = torch.full((len(examples), T), IGNORE, dtype=torch.long)  # (B, T)
+    for i, (x, y) in enumerate(examples):
+        X[i, : len(x)] = torch.tensor(x)
+        Y[i, : len(y)] = torch.tensor(y)
+    return X, Y
+
+
+def windows(stream, starts, block_size):
+    """Pretraining batch: X = stream[s : s+T], Y = stream[s+1 : s+T+1] for each start s. -> (B, T) long each."""
+    idx = torch.as_tensor(starts, dtype=torch.long)[:, None] + torch.arange(block_size)  # (B, T)
+    return stream[idx], stream[idx + 1]

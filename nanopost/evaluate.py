@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from nanopost.common import knob, load_model, parse_config, resolve_device
-from nanopost.rollout import rollout
+from nanopost.common import UserError, entry, knob, load_model, parse_config, resolve_device
+from nanopost.data import IGNORE, collate
+from nanopost.rollout import at_response, response_logprobs, rollout
 from nanopost.tokenizer import get_tokenizer
 from nanopost.world import encode_doc, load_world
 
@@ -114,21 +115,11 @@ def heldout_losses(model, tok, world, device, max_docs=64):
             docs.sort(key=len)  # similar lengths in one batch -> little padding
             total, count = 0.0, 0
             for i in range(0, len(docs), EVAL_BATCH):
-                batch = docs[i:i + EVAL_BATCH]
-                T = max(len(d) for d in batch) - 1
-                x = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T) right-padded inputs
-                y = torch.full((len(batch), T), -100, dtype=torch.long)  # (B, T) targets, -100 = pad
-                m = torch.zeros(len(batch), T, dtype=torch.bool)  # (B, T) attention mask
-                for b, d in enumerate(batch):
-                    x[b, :len(d) - 1] = torch.tensor(d[:-1])
-                    y[b, :len(d) - 1] = torch.tensor(d[1:])
-                    m[b, :len(d) - 1] = True
-                x, y, m = x.to(device), y.to(device), m.to(device)
-                logits = model(x, attention_mask=m)  # (B, T, V)
-                loss = kernels.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
-                                             ignore_index=-100, reduction="sum")
+                x, y = collate([(d[:-1], d[1:]) for d in docs[i:i + EVAL_BATCH]], tok.eot_id)  # (B, T) each
+                logits = model(x.to(device))  # (B, T, V)
+                loss = kernels.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
                 total += loss.item()
-                count += int((y != -100).sum())
+                count += int((y != IGNORE).sum())
             out[skill] = total / count
     return out
 
@@ -182,16 +173,13 @@ def response_stats(model, ro, base_model=None):
     ent_sum, kl_sum, n_tok = 0.0, 0.0, 0
     for i in range(0, ro.tokens.size(0), EVAL_BATCH):
         tokens, mask = ro.tokens[i:i + EVAL_BATCH, :T], ro.mask[i:i + EVAL_BATCH, :T]  # (b, T)
-        resp = tokens[:, P:]  # (b, T-P) sampled tokens
-        rmask = ro.response_mask[i:i + EVAL_BATCH, P:T]  # (b, T-P) True for sampled tokens incl. eos
-        # logits at column t predict token t+1, so the response token at column P+j comes from logits[:, P+j-1]
-        logits = model(tokens, attention_mask=mask)[:, P - 1:-1].float()  # (b, T-P, V)
-        _, ent = kernels.token_logprobs(logits, resp, return_entropy=True)  # (b, T-P)
+        rmask = ro.response_mask[i:i + EVAL_BATCH, :T - P]  # (b, T-P) True for sampled tokens incl. eos
+        (_, ent), logits = response_logprobs(model, tokens, mask, P, return_entropy=True)  # (b, T-P), (b, T-P, V)
         ent_sum += ent[rmask].sum().item()
         n_tok += int(rmask.sum())
         if base_model is not None:
-            base_logits = base_model(tokens, attention_mask=mask)[:, P - 1:-1].float()  # (b, T-P, V)
-            kl = kernels.token_kl(base_logits, logits)  # (b, T-P) KL(pi_base || pi), the paper's forward KL
+            base_logits = at_response(base_model(tokens, attention_mask=mask), P)  # (b, T-P, V)
+            kl = kernels.token_kl(base_logits.float(), logits.float())  # (b, T-P) KL(pi_base || pi): forward KL
             kl_sum += kl[rmask].sum().item()
     return ent_sum, (kl_sum if base_model is not None else None), n_tok
 
@@ -260,7 +248,7 @@ def task_eval(model, tok, world, prompts, k=1, temperature=1.0, max_new_tokens=3
             responses += ro.responses
             ended += ro.ended.tolist()
             for b in range(len(ro.responses)):
-                ids = ro.tokens[b, P:][ro.response_mask[b, P:]].tolist()
+                ids = ro.tokens[b, P:][ro.response_mask[b]].tolist()
                 resp_tokens.append([t for t in ids if t != tok.eot_id])
     out, verdicts = score_samples(world, flat, responses, ended, k, resp_tokens)
     out["entropy"] = ent_sum / max(n_tok, 1)
@@ -323,7 +311,7 @@ def evaluate_checkpoints(base_path, paths, device="cpu", world_seed=-1, log=prin
         model, ckpt = load_model(path, device)
         name = ckpt.get("tokenizer", tok.name)
         if name != tok.name:
-            raise ValueError(f"{path}: tokenizer {name!r} differs from the base checkpoint's {tok.name!r}")
+            raise UserError(f"{path}: tokenizer {name!r} differs from the base checkpoint's {tok.name!r}")
         m = evaluate_model(model, tok, world, device, base_model=base_model, base_metrics=base_metrics, **kw)
         results[path] = m
         log(f"eval | {path} | acc {m['accuracy']:.3f} | kl {m['kl_base']:.4f} | dloss {m['dloss_mean']:+.4f} | "
@@ -387,9 +375,9 @@ class Config:
 
 def main(argv):
     paths = [a for a in argv if not a.startswith("--")]
-    cfg = parse_config(Config, argv=[a for a in argv if a.startswith("--")])
+    cfg, _ = parse_config(Config, argv=[a for a in argv if a.startswith("--")])
     if not cfg.base:
-        raise ValueError("evaluate: --base=PATH is required (the checkpoint KL and forgetting are measured against)")
+        raise UserError("evaluate: --base=PATH is required (the checkpoint KL and forgetting are measured against)")
     device = resolve_device(cfg.device)
     kw = {k: getattr(cfg, k) for k in ("k", "n_prompts", "temperature", "max_new_tokens", "seed", "max_docs",
                                        "max_probes")}
@@ -399,4 +387,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    entry(main)

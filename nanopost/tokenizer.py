@@ -25,6 +25,8 @@ import urllib.parse
 import regex  # a tiktoken dependency; stdlib re has no \p{L} / \p{N} classes
 import tiktoken
 
+from nanopost.common import UserError, entry
+
 SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
 # 1024 = 256 bytes + 765 merges + 3 specials. The world's corpus has only ~850 possible merges (a few hundred
 # distinct words; digits are never merged), so a 2048 vocabulary would leave ~1000 rows of the embedding and of
@@ -125,13 +127,13 @@ def load_bpe(path):
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'base64 rank', got {line.rstrip()!r}")
+                raise UserError(f"{path}:{lineno}: expected 'base64 rank', got {line.rstrip()!r}")
             try:
                 ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
             except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
+                raise UserError(f"{path}:{lineno}: {e}") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps or repeats")
+        raise UserError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps or repeats")
     return ranks
 
 
@@ -230,7 +232,7 @@ def get_tokenizer(name="nanopost"):
         return Tokenizer("nanopost", _nanopost_encoding())
     if name == "gpt2":
         return Tokenizer("gpt2", _gpt2_encoding())
-    raise ValueError(f"unknown tokenizer {name!r}; choose 'nanopost' (built-in, offline) or 'gpt2'")
+    raise UserError(f"unknown tokenizer {name!r}; choose 'nanopost' (built-in, offline) or 'gpt2'")
 
 
 def main(argv):
@@ -241,7 +243,7 @@ def main(argv):
         if key == "--out" and eq:
             out = value
         else:
-            raise ValueError(f"unknown argument {arg!r} (usage: python -m nanopost.tokenizer [--out=PATH])")
+            raise UserError(f"unknown argument {arg!r} (usage: python -m nanopost.tokenizer [--out=PATH])")
     t0 = time.time()
     texts = training_corpus(seed=0)
     ranks = train_bpe(texts)
@@ -256,4 +258,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    entry(main)

@@ -51,6 +51,8 @@ import random
 import re
 import sys
 
+from nanopost.common import UserError, entry
+
 # -----------------------------------------------------------------------------
 # sizes (documents per skill). Chosen so that the train split is ~0.5M tokens under the 1024-token
 # nanopost BPE: enough to teach a ~1M-parameter GPT every skill, small enough to pretrain on 2 CPU cores.
@@ -509,12 +511,12 @@ def main(argv):
             try:
                 seed = int(value)
             except ValueError:
-                raise ValueError(f"--seed must be an integer, got {value!r}") from None
+                raise UserError(f"--seed must be an integer, got {value!r}") from None
         elif key in ("-h", "--help"):
             print("usage: python -m nanopost.world [--out_dir=data/world] [--seed=0]")
             return
         else:
-            raise ValueError(f"unknown argument {arg!r} (usage: python -m nanopost.world --out_dir=DIR --seed=INT)")
+            raise UserError(f"unknown argument {arg!r} (usage: python -m nanopost.world --out_dir=DIR --seed=INT)")
     for path in write_world(out_dir, seed):
         with open(path, encoding="utf-8") as f:
             n = sum(1 for _ in f)
@@ -522,4 +524,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    entry(main)
