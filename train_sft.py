@@ -50,11 +50,11 @@ import numpy as np
 import torch
 
 import kernels
-from nanopost.common import (Diverged, RunLog, UserError, assert_in_sync, all_reduce_sum, build_model, check_finite,
+from nanopost.common import (RunLog, UserError, all_reduce_sum, assert_in_sync, build_model, check_finite,
                              check_model_finite, entry, format_eta, get_rng_state, knob, load_checkpoint, load_weights,
                              lock_out_dir, parse_config, print0, resume_config, save_checkpoint, set_rng_state,
                              setup_runtime, sync_grads, teardown, validate)
-from nanopost.data import IGNORE, check_fit, collate, load_sft_jsonl, sft_example, windows
+from nanopost.data import IGNORE, collate, load_prompts, load_sft_jsonl, sft_example, windows
 from nanopost.evaluate import heldout_losses, spread, task_eval
 from nanopost.model import GPTConfig
 from nanopost.tokenizer import get_tokenizer
@@ -209,8 +209,7 @@ def main(argv):
 
     world = load_world(seed=cfg.world_seed)
     eval_prompts = spread(world.eval_prompts, cfg.eval_prompts)  # every phrasing, not only the first
-    if eval_prompts:
-        check_fit(tok, eval_prompts, block_size, cfg.max_new_tokens, "the built-in eval prompts")
+    eval_prompts = load_prompts("", eval_prompts, tok, block_size, cfg.max_new_tokens)
     stream = val_stream = train_examples = val_examples = None
     if stage == "pretrain":
         # every skill's docs, each ending in <|endoftext|>, as one stream: windows cross doc boundaries like GPT-2's
@@ -360,8 +359,7 @@ def main(argv):
         check_finite(step, ckpt_path, loss=ce, kl=kl, grad_norm=grad_norm)  # before the step: weights still good
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if rt.ddp:
-            assert_in_sync(raw_model, step, "model")
+        assert_in_sync(raw_model, step, "model")  # data parallel: every rank holds the same weights
 
         # logging: one line and one JSON record per log_interval steps
         dt = time.time() - t0

@@ -7,6 +7,7 @@ The plumbing both training scripts share, written once so the two loops behave t
   errors       `UserError` (bad input: one line `error: ...`, exit 2) and `Diverged` (a non-finite loss or
                model: exit 1, the last good checkpoint intact); `entry` turns them into that line and exit code
   runtime      device, data parallel (torchrun), bf16 autocast and TF32 in one `Runtime`; the gradient all-reduce
+               and the masked means and whitening over the global batch (every rank's tokens)
   run files    one run per out_dir (a lock), checkpoints written atomically and read without executing code,
                the run log, and the resume policy: what a resume may change and what it may not
 """
@@ -183,6 +184,26 @@ def all_reduce_sum(t):
     return t
 
 
+def all_reduce_max(t):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] (a one-item list in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def sync_grads(params):
     """Sum gradients over ranks, one collective for all of them. Both scripts divide each rank's loss by the
     *global* token count, so the sum is exactly the gradient of one process holding the union of the ranks'
@@ -196,6 +217,27 @@ def sync_grads(params):
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def masked_mean(x, mask, n=None):
+    """Mean of x over mask; `n` overrides the count (data parallel: the global token count).
+    torch.where instead of x*mask so that a NaN or inf sitting in a pad slot cannot leak into the sum."""
+    total = torch.where(mask, x, torch.zeros_like(x)).sum()
+    return total / (mask.sum() if n is None else n)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the real tokens of the global batch (all ranks); pads come out 0.
+    shift_mean=False keeps the mean (N-details: rewards are scaled, advantages are centred)."""
+    xm = torch.where(mask, x, torch.zeros_like(x)).double()
+    stats = all_reduce_sum(torch.stack([xm.sum(), (xm * xm).sum(), mask.sum().double()]))
+    mean = stats[0] / stats[2]
+    var = (stats[1] / stats[2] - mean * mean).clamp(min=0.0)
+    var = var * stats[2] / (stats[2] - 1).clamp(min=1.0)  # unbiased, as torch.var
+    out = (x.double() - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out.to(x.dtype), torch.zeros_like(x))
 
 
 def assert_in_sync(model, step, what):

@@ -124,12 +124,17 @@ def load_ppo_jsonl(path, tok, max_prompt_tokens):
     return prompts
 
 
-def check_fit(tok, prompts, block_size, max_new_tokens, source):
-    """Every prompt of `source` (in the chat format) plus max_new_tokens must fit the context."""
-    longest = max(len(tok.encode_prompt(p)) for p in prompts)
+def load_prompts(path, builtin, tok, block_size, max_new_tokens):
+    """Prompts to sample responses to: from a JSONL file when `path` is given (a prompt too long names its
+    line), else the built-in list. Either way, prompt + max_new_tokens fits the context, checked now, at load
+    time, rather than when a batch happens to draw the one prompt that does not fit."""
+    if path:
+        return load_ppo_jsonl(path, tok, block_size - max_new_tokens)
+    longest = max((len(tok.encode_prompt(p)) for p in builtin), default=0)
     if longest + max_new_tokens > block_size:
-        raise UserError(f"--max_new_tokens={max_new_tokens}: the longest of {source} is {longest} tokens, and "
+        raise UserError(f"--max_new_tokens={max_new_tokens}: the longest built-in prompt is {longest} tokens, and "
                         f"prompt + response must fit block_size={block_size}")
+    return list(builtin)
 
 
 def load_docs_jsonl(path):

@@ -26,7 +26,6 @@ The metrics, and the choices behind them:
 Entropy and KL are taken at temperature 1 (the policy itself), whatever temperature the samples were drawn at.
 """
 
-import sys
 import time
 from dataclasses import dataclass
 

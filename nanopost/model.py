@@ -239,3 +239,24 @@ class GPT(nn.Module):
                 break
             logits = self(nxt[:, None], mask[:, :P + t + 1], cache)[:, -1].float()
         return tokens, mask, logprobs
+
+
+class ValueModel(nn.Module):
+    """A scalar per position: a GPT trunk (GPT.hidden, after the final layer norm) and a head nn.Linear(C, 1).
+    PPO's value model V(s_t)."""
+
+    def __init__(self, trunk):
+        super().__init__()
+        self.trunk = trunk
+        C = trunk.config.n_embd
+        self.head = nn.Linear(C, 1)
+        # zero init (N-details uses N(0, 1/sqrt(C+1))): a random head makes the first advantages pure value
+        # noise, and whitening scales that noise up to unit size; on the tiny model the first update then
+        # moved the policy by ~3 nats of KL before any reward was seen. With V = 0 the first advantages
+        # are the rewards themselves.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, attention_mask=None):
+        h = self.trunk.hidden(idx, attention_mask=attention_mask)  # (B, T, C)
+        return self.head(h).squeeze(-1)  # (B, T)

@@ -32,9 +32,13 @@ def _import_file(path, spec):
 
 def load_reward_fn(spec, world):
     """'' -> the built-in verifier; 'module:function' or 'path/to/file.py:function' -> that callable.
-    Every reward fn returned here takes (prompts, responses, ended) and returns a list of floats."""
+    Every reward fn returned here takes (prompts, responses, ended), returns a list of floats and has a __name__
+    for error messages."""
     if spec == "":
-        return lambda prompts, responses, ended: [world.score(p, r, e) for p, r, e in zip(prompts, responses, ended)]
+        def verifier(prompts, responses, ended):
+            return [world.score(p, r, e) for p, r, e in zip(prompts, responses, ended)]
+        verifier.__name__ = "the built-in verifier (world.score)"
+        return verifier
     if ":" not in spec:
         raise UserError(f"--reward_fn={spec}: expected 'module:function' or 'file.py:function'")
     mod_name, fn_name = spec.rsplit(":", 1)
@@ -50,12 +54,16 @@ def load_reward_fn(spec, world):
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise UserError(f"--reward_fn={spec}: {mod_name} has no callable {fn_name!r}")
-    return lambda prompts, responses, ended: fn(prompts, responses)
+    def user_reward(prompts, responses, ended):
+        return fn(prompts, responses)
+    user_reward.__name__ = f"reward_fn={spec}"
+    return user_reward
 
 
-def score_responses(reward_fn, prompts, responses, ended, name="reward_fn"):
+def score_responses(reward_fn, prompts, responses, ended):
     """Call reward_fn and check what comes back: a finite float for every response, in order.
     Anything else stops the run with a message that names the prompt at fault."""
+    name = reward_fn.__name__
     try:
         scores = reward_fn(prompts, responses, ended)
     except Exception as exc:  # a user function may raise anything; re-raise with the prompt named

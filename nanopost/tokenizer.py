@@ -18,7 +18,6 @@ import functools
 import hashlib
 import os
 import socket
-import sys
 import tempfile
 import urllib.parse
 

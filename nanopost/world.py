@@ -49,7 +49,6 @@ import json
 import os
 import random
 import re
-import sys
 
 from nanopost.common import UserError, entry
 
