@@ -199,8 +199,6 @@ def main(argv):
         raise UserError(f"--batch_size={cfg.batch_size}: must split evenly over {rt.world_size} rank(s) and then "
                         f"into --num_minibatches={cfg.num_minibatches}")
     mb_size = local_bs // cfg.num_minibatches
-    if rt.master:
-        lock_out_dir(cfg.out_dir)
 
     # -------------------------------------------------------------------------
     # models: policy (trained), reference (frozen initial policy), value model (trunk + scalar head)
@@ -258,6 +256,8 @@ def main(argv):
 
     print0(f"policy {policy.num_params() / 1e6:.2f}M params | init_from {cfg.init_from} | {rt.world_size} rank(s) | "
            f"{local_bs} prompts/rank/iter | {len(train_prompts)} train prompts | {len(eval_prompts)} eval prompts")
+    if rt.master:  # the first write into out_dir: every knob and the data were checked above
+        lock_out_dir(cfg.out_dir)
     log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), resume_step=start if resume else None, master=rt.master)
 
     def save(step):

@@ -175,8 +175,6 @@ def main(argv):
     rt = setup_runtime(cfg.device, cfg.dtype)
     if cfg.batch_size % rt.world_size != 0:
         raise UserError(f"--batch_size={cfg.batch_size}: must divide evenly over the {rt.world_size} processes")
-    if rt.master:
-        lock_out_dir(cfg.out_dir)
     torch.manual_seed(cfg.seed)  # the same on every rank: the scratch init must match (weights are never broadcast)
     if ckpt is None:
         tok = get_tokenizer(cfg.tokenizer)
@@ -187,11 +185,11 @@ def main(argv):
         model_args = ckpt["model_args"]
         model = load_weights(build_model(model_args), ckpt["model"])
         tok = get_tokenizer(ckpt.get("tokenizer", cfg.tokenizer))
+        path = ckpt_path if resume else cfg.init_from
         if model_args["vocab_size"] < tok.vocab_size:
-            raise UserError(f"{cfg.init_from}: the model has {model_args['vocab_size']} token embeddings but "
-                            f"tokenizer {tok.name!r} has {tok.vocab_size} tokens")
-        print0(f"loaded {cfg.init_from} (step {ckpt.get('step')}); its shape overrides n_layer/n_head/n_embd/"
-               f"block_size")
+            raise UserError(f"{path}: the model has {model_args['vocab_size']} token embeddings but tokenizer "
+                            f"{tok.name!r} has {tok.vocab_size} tokens")
+        print0(f"loaded {path} (step {ckpt.get('step')}); its shape overrides n_layer/n_head/n_embd/block_size")
     model.to(rt.device)
     block_size = model_args["block_size"]
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters | {model_args}")
@@ -324,6 +322,8 @@ def main(argv):
     # ------------------------------------------------------------------------------------------------------------
     # training loop
 
+    if rt.master:  # the first write into out_dir: every knob and the data were checked above
+        lock_out_dir(cfg.out_dir)
     log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), resume_step=step if resume else None, master=rt.master)
     first = record = None  # evals before and after, for the forgetting table
     if rt.master:

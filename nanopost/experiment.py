@@ -16,9 +16,9 @@ by invoking the real training scripts as subprocesses (this file never copies th
     ppo_sft_short  train_ppo.py from the sft_short model of the same seed (SFT, then RL)
 
 then evaluates every checkpoint with nanopost.evaluate (held-out prompts and text, fixed seed) and writes
-out/report.md (table: mean and std over seeds per method), out/results.json (every number, per seed), and,
-when matplotlib is importable, out/forgetting_vs_accuracy.png (the paper's Pareto figure: x = new-task
-accuracy, y = forgetting, colour = KL(base || pi)).
+out/report.md (table: mean and std over seeds per method), out/results.json (every number, per seed), and
+out/forgetting_vs_accuracy.png (the paper's Pareto figure: x = new-task accuracy, y = forgetting, colour =
+KL(base || pi)).
 
 A stage whose checkpoint exists and whose command is unchanged is skipped (out/<stage>/stage.json records the
 command that made it), so an interrupted run resumes and --seeds=0,1,2 after --seeds=0 only trains seeds 1-2.
@@ -215,12 +215,8 @@ def report_table(rows, markdown=True):
 
 
 def plot_pareto(per_method, path):
-    """The paper's Figure: forgetting against new-task accuracy, one point per run, coloured by KL(base||pi).
-    Returns None on success, or the reason it could not plot."""
-    try:
-        import matplotlib
-    except ImportError:
-        return "matplotlib not installed (pip install matplotlib for forgetting_vs_accuracy.png); table only"
+    """The paper's Figure: forgetting against new-task accuracy, one point per run, coloured by KL(base||pi)."""
+    import matplotlib
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
@@ -245,18 +241,16 @@ def plot_pareto(per_method, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return None
 
 
 def write_report(out_dir, per_method, per_run=None, config=None, notes=()):
-    """Write out_dir/report.md (and the plot when it can); returns the table as plain text, for stdout."""
+    """Write out_dir/report.md and the plot; returns the table as plain text, for stdout."""
     os.makedirs(out_dir, exist_ok=True)
     rows = aggregate(per_method)
     table = report_table(rows, markdown=True)
     png = os.path.join(out_dir, "forgetting_vs_accuracy.png")
-    why_not = plot_pareto(per_method, png)
-    plot_line = "![forgetting vs accuracy](forgetting_vs_accuracy.png)" if why_not is None else why_not
-    print(f"wrote {png}" if why_not is None else why_not, flush=True)
+    plot_pareto(per_method, png)
+    print(f"wrote {png}", flush=True)
     base_line = ""
     if per_method.get("base"):
         b = per_method["base"][0]
@@ -280,7 +274,7 @@ def write_report(out_dir, per_method, per_run=None, config=None, notes=()):
         "",
         kl_forgetting_line(per_method),
         "",
-        plot_line,
+        "![forgetting vs accuracy](forgetting_vs_accuracy.png)",
         "",
     ] + [line for note in notes for line in (note, "")]
     if per_run:
