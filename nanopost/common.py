@@ -420,6 +420,13 @@ def append_jsonl(path, record):
         f.write(json.dumps(_strict(record), allow_nan=False) + "\n")
 
 
+def _parse(line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # the line a killed run was writing when it died
+        return None
+
+
 class RunLog:
     """out_dir/log.jsonl. A fresh run starts an empty log; a resume from step S keeps the records at or before
     S and drops the rest (written after the last save, then lost to a crash), so every step appears once."""
@@ -430,7 +437,8 @@ class RunLog:
             return
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                self.kept = [r for r in map(json.loads, f) if r.get("step", 0) <= resume_step]
+                records = [_parse(line) for line in f]
+            self.kept = [r for r in records if r is not None and r.get("step", 0) <= resume_step]
         with open(path, "w") as f:
             f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.kept)
 
