@@ -1,11 +1,15 @@
 import json
-import re
 import os
+import re
 
 import pytest
+import torch
 
-from nanopost.data import load_docs_jsonl, load_ppo_jsonl, load_sft_jsonl
-from nanopost.world import load_world, write_world
+import kernels
+from nanopost.common import UserError
+from nanopost.data import (IGNORE, collate, load_docs_jsonl, load_ppo_jsonl, load_prompts, load_sft_jsonl, sft_example,
+                           windows)
+from nanopost.world import write_world
 
 
 def _write(tmp_path, content, name="d.jsonl"):
@@ -33,9 +37,21 @@ def test_tolerated_details(tmp_path):
     assert load_sft_jsonl(path) == [dict(prompt="é?", completion="ü"), dict(prompt="a", completion="b")]
 
 
-def test_ppo(tmp_path):
+def test_ppo(tmp_path, tok):
     path = _write(tmp_path, _lines({"prompt": "Write an addition that equals 17."}, {"prompt": "x"}))
-    assert load_ppo_jsonl(path) == ["Write an addition that equals 17.", "x"]
+    assert load_ppo_jsonl(path, tok, 64) == ["Write an addition that equals 17.", "x"]
+
+
+def test_ppo_prompt_too_long_names_its_line(tmp_path, tok):
+    # refused at load time, not when a batch happens to draw the prompt hours into a run
+    long = "Write an addition that equals 17, " * 8
+    path = _write(tmp_path, _lines({"prompt": "x"}, {"prompt": "y"}, {"prompt": long}, {"prompt": "z"}))
+    n = len(tok.encode_prompt(long))
+    limit = len(tok.encode_prompt(long)) - 1  # one token short: the boundary, not a wide margin
+    with pytest.raises(UserError, match=f"^{re.escape(path)}:3: prompt is {n} tokens in the chat format; "
+                                        f"at most {limit} fit"):
+        load_ppo_jsonl(path, tok, limit)
+    assert load_ppo_jsonl(path, tok, n)[2] == long  # exactly full is allowed
 
 
 GOOD = '{"prompt": "p", "completion": "c"}\n'
@@ -79,7 +95,7 @@ GOOD = '{"prompt": "p", "completion": "c"}\n'
 def test_sft_errors(tmp_path, content, line, what):
     path = _write(tmp_path, content)
     where = f"{path}:{line}: " if line else f"{path}: "
-    with pytest.raises(ValueError, match=f"^{re.escape(where)}.*{what}"):
+    with pytest.raises(UserError, match=f"^{re.escape(where)}.*{what}"):
         load_sft_jsonl(path)
 
 
@@ -91,35 +107,92 @@ def test_sft_errors(tmp_path, content, line, what):
     ('{"text": "a"}\n', 1, "unknown key"),
     ('{"prompt": "a"\n', 1, "invalid JSON"),
 ])
-def test_ppo_errors(tmp_path, content, line, what):
+def test_ppo_errors(tmp_path, tok, content, line, what):
     path = _write(tmp_path, content)
     where = f"{path}:{line}: " if line else f"{path}: "
-    with pytest.raises(ValueError, match=f"^{re.escape(where)}.*{what}"):
-        load_ppo_jsonl(path)
+    with pytest.raises(UserError, match=f"^{re.escape(where)}.*{what}"):
+        load_ppo_jsonl(path, tok, 64)
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        load_sft_jsonl(str(tmp_path / "nope.jsonl"))
+def test_missing_file(tmp_path, tok):
+    path = str(tmp_path / "nope.jsonl")
+    for load in (load_sft_jsonl, load_docs_jsonl, lambda p: load_ppo_jsonl(p, tok, 64)):
+        with pytest.raises(UserError, match=f"^{re.escape(path)}: cannot read"):
+            load(path)
 
 
-def test_roundtrip_with_write_world(tmp_path):
-    w = load_world(0)
+def test_roundtrip_with_write_world(tmp_path, world, tok):
+    w = world
     write_world(str(tmp_path), seed=0)
     assert load_sft_jsonl(os.path.join(tmp_path, "sft_train.jsonl")) == w.sft_train
     assert load_sft_jsonl(os.path.join(tmp_path, "sft_val.jsonl")) == w.sft_val
-    assert load_ppo_jsonl(os.path.join(tmp_path, "ppo_prompts.jsonl")) == w.ppo_prompts
-    assert load_ppo_jsonl(os.path.join(tmp_path, "eval_prompts.jsonl")) == w.eval_prompts
+    assert load_ppo_jsonl(os.path.join(tmp_path, "ppo_prompts.jsonl"), tok, 64) == w.ppo_prompts
+    assert load_ppo_jsonl(os.path.join(tmp_path, "eval_prompts.jsonl"), tok, 64) == w.eval_prompts
     assert load_docs_jsonl(os.path.join(tmp_path, "pretrain.jsonl")) == w.pretrain
     for s in w.skills:
         assert load_docs_jsonl(os.path.join(tmp_path, f"heldout_{s}.jsonl")) == {s: w.heldout[s]}
 
 
-def test_append_jsonl_writes_strict_json(tmp_path):
-    from nanopost.common import append_jsonl
-    path = os.path.join(tmp_path, "log.jsonl")
-    append_jsonl(path, dict(step=1, ev=float("nan"), kl=float("inf"), loss=0.5))
-    with open(path) as f:
-        line = f.readline()
-    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
-        dict(step=1, ev=None, kl=None, loss=0.5)
+
+def test_load_prompts_checks_the_fit_of_file_and_builtin_prompts(tmp_path, tok):
+    builtin = ["x", "Write an addition that equals 17."]
+    longest = len(tok.encode_prompt(builtin[1]))
+    assert load_prompts("", builtin, tok, block_size=longest + 4, max_new_tokens=4) == builtin  # exactly fits
+    with pytest.raises(UserError, match=rf"^--max_new_tokens=5: the longest built-in prompt is {longest} tokens, "
+                                        rf"and prompt \+ response must fit block_size={longest + 4}$"):
+        load_prompts("", builtin, tok, block_size=longest + 4, max_new_tokens=5)
+    # a file: the same budget, and the line of the prompt that does not fit
+    path = _write(tmp_path, _lines(*({"prompt": p} for p in builtin)))
+    assert load_prompts(path, [], tok, block_size=longest + 4, max_new_tokens=4) == builtin
+    with pytest.raises(UserError, match=f"^{re.escape(path)}:2: prompt is {longest} tokens"):
+        load_prompts(path, [], tok, block_size=longest + 4, max_new_tokens=5)
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+def test_response_mask_only_response_tokens_count(tok):
+    prompt, completion = "Write an addition that equals 12.", "1+11=12"
+    x, y, truncated = sft_example(tok, prompt, completion, block_size=64)
+    p, r = tok.encode_prompt(prompt), tok.encode_response(completion)
+    assert not truncated
+    assert x == p + r[:-1]
+    assert y == [IGNORE] * (len(p) - 1) + r  # the first response token is predicted from <|assistant|>
+
+    # a second, shorter example forces right padding in the batch
+    x2, y2, _ = sft_example(tok, "Make 20 by adding two numbers.", "1+19=20", block_size=64)
+    X, Y = collate([(x, y), (x2, y2)], pad_id=tok.eot_id)  # (2, T)
+    assert X.shape == Y.shape == (2, max(len(x), len(x2)))
+    assert (Y[1, len(y2):] == IGNORE).all() and (X[1, len(x2):] == tok.eot_id).all()
+
+    # the loss is the response tokens' cross-entropy, and prompt/pad positions get exactly zero gradient:
+    # whatever the model predicts there, and whatever tokens sit there, the loss cannot see it
+    logits = torch.randn(*X.shape, tok.vocab_size, requires_grad=True)  # (2, T, V)
+    loss = kernels.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum")
+    logp = torch.log_softmax(logits.detach().double(), dim=-1)  # (2, T, V)
+    want = -sum(logp[b, t, Y[b, t]] for b in range(2) for t in range(X.shape[1]) if Y[b, t] != IGNORE)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-4)
+    loss.backward()
+    masked = Y == IGNORE  # (2, T)
+    assert masked.sum() > 0 and (~masked).sum() == len(r) + len(tok.encode_response("1+19=20"))
+    assert (logits.grad[masked] == 0).all()
+    assert (logits.grad[~masked].abs().sum(-1) > 0).all()
+
+
+def test_long_examples_truncate_the_response_or_drop(tok):
+    prompt = "Write an addition that equals 12."
+    p = tok.encode_prompt(prompt)
+    block = len(p) + 3
+    x, y, truncated = sft_example(tok, prompt, "1+11=12 and many more words after that", block_size=block)
+    assert truncated and len(x) == len(y) == block
+    assert y[len(p) - 1:] == tok.encode_response("1+11=12 and many more words after that")[:4]
+    assert sft_example(tok, prompt, "x", block_size=len(p) - 1) is None  # the prompt alone does not fit
+    x, y, truncated = sft_example(tok, prompt, "", block_size=len(p))  # exactly fits: only <|endoftext|> learned
+    assert not truncated and y[-1] == tok.eot_id
+
+
+def test_windows_targets_are_inputs_shifted_by_one():
+    stream = torch.arange(100, 120)
+    X, Y = windows(stream, [0, 7, 16], block_size=3)  # 16: the last start whose target window fits
+    assert X.tolist() == [[100, 101, 102], [107, 108, 109], [116, 117, 118]]
+    assert Y.tolist() == [[101, 102, 103], [108, 109, 110], [117, 118, 119]]

@@ -8,11 +8,6 @@ from nanopost import tokenizer as tk
 from nanopost.tokenizer import SPECIALS, get_tokenizer, load_bpe, train_bpe
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return get_tokenizer("nanopost")
-
-
 def _random_text(rng, n):
     # a mix of ASCII, accented Latin, CJK, emoji, combining marks, control characters and lone-ish whitespace
     pools = ["abcdefgh XYZ", "0123456789+-=", "éüßñçø", "中文字漢", "😀🚀👍🏽\u200d", "\u0301\u0308",

@@ -1,19 +1,17 @@
-"""train_ppo.py: the PPO pieces against hand-computed values, then the real script as a subprocess
-(smoke run, exact resume, 2-process data parallel, a failing reward function)."""
+"""train_ppo.py: the PPO pieces against hand-computed values, then the real script on a tiny model (smoke run, exact
+resume, 2-process data parallel, a failing reward function, diverging runs, what a resume may change)."""
 
 import json
 import math
 import os
+import re
 import textwrap
 
 import pytest
 import torch
 
 import train_ppo
-from nanopost.common import build_model, load_model, save_checkpoint
-from nanopost.rollout import rollout
-from nanopost.tokenizer import get_tokenizer
-from scripts import run_script
+from nanopost.common import Diverged, UserError, load_model, masked_whiten
 
 
 # -----------------------------------------------------------------------------
@@ -38,30 +36,6 @@ def gae_double_loop(rewards, values, lengths, gamma, lam):
                 total += (gamma * lam) ** (k - t) * delta
             adv[b, t] = total
     return adv
-
-
-def tiny_checkpoint(path, seed=0):
-    """A ~50k-parameter random GPT over the shipped tokenizer, saved like any nanopost checkpoint."""
-    tok = get_tokenizer("nanopost")
-    torch.manual_seed(seed)
-    args = dict(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True)
-    model = build_model(args)
-    save_checkpoint(str(path), dict(model=model.state_dict(), model_args=args, config={}, step=0, tokenizer=tok.name))
-    return str(path)
-
-
-# the knobs of every subprocess run: tiny batch, short responses, few eval prompts
-TINY = ["--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--max_new_tokens=6", "--eval_prompts=4",
-        "--eval_k=1", "--device=cpu", "--learning_rate=1e-3", "--value_lr=1e-3"]
-
-
-def run_ppo(args, nproc=1, check=True):
-    return run_script("train_ppo.py", args, nproc=nproc, check=check)
-
-
-def train_records(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == "train"]
 
 
 TIMING = ("tok_per_s", "t_rollout", "t_learn")
@@ -135,8 +109,8 @@ def test_pads_change_nothing():
         torch.testing.assert_close(pr[:B, :N], r)
         assert (pa[~pmask] == 0).all() and (pr[~pmask] == 0).all()
         for shift in (True, False):
-            torch.testing.assert_close(train_ppo.masked_whiten(pad(adv, fill), pmask, shift)[:B, :N],
-                                       train_ppo.masked_whiten(adv, mask, shift))
+            torch.testing.assert_close(masked_whiten(pad(adv, fill), pmask, shift)[:B, :N],
+                                       masked_whiten(adv, mask, shift))
         ref = train_ppo.policy_loss(logp, old_logp, adv, mask, 0.2)
         got = train_ppo.policy_loss(pad(logp, fill), pad(old_logp, fill), pad(adv, fill), pmask, 0.2)
         for x, y in zip(got[:3], ref[:3]):
@@ -179,72 +153,35 @@ def test_kl_estimators_and_adaptive_controller():
     assert train_ppo.adaptive_kl_coef(0.1, 1.1, 1.0, 1000, 100) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
 
 
-def test_logprob_recomputation_matches_sampling():
-    tok = get_tokenizer("nanopost")
-    torch.manual_seed(4)
-    model = build_model(dict(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
-    prompts = ["Write an addition that equals 12.", "Make 40 by adding two numbers.", "hi"]
-    for T in (1.0, 0.7):
-        ro = rollout(model, tok, prompts, 10, temperature=T, generator=torch.Generator().manual_seed(0))
-        P = ro.prompt_len
-        with torch.no_grad():
-            (logp, ent), _ = train_ppo.response_logprobs(model, ro.tokens, ro.mask, P, T, return_entropy=True)
-        m = ro.response_mask[:, P:]
-        assert m.any()
-        torch.testing.assert_close(logp[m], ro.logprobs[m], atol=1e-5, rtol=1e-5)
-        assert (ent[m] > 0).all()
-
-
-def test_reward_fn_errors_name_the_prompt():
-    prompts, responses, ended = ["p one", "p two", "p three"], ["a", "b", "c"], [True, True, False]
-
-    def raises_on_two(ps, rs, es):
-        if "p two" in ps:
-            raise KeyError("boom")
-        return [1.0] * len(ps)
-
-    with pytest.raises(ValueError, match="p two"):
-        train_ppo.score_responses(raises_on_two, prompts, responses, ended)
-    with pytest.raises(ValueError, match="p three"):
-        train_ppo.score_responses(lambda ps, rs, es: [0.0, 1.0, float("nan")], prompts, responses, ended)
-    with pytest.raises(ValueError, match="2 scores for 3 responses.*p one"):
-        train_ppo.score_responses(lambda ps, rs, es: [0.0, 1.0], prompts, responses, ended)
-    assert train_ppo.score_responses(lambda ps, rs, es: [0, 1, 2], prompts, responses, ended) == [0.0, 1.0, 2.0]
-
-
 # -----------------------------------------------------------------------------
 # the real script
 
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt.pt")
-
-
-def test_smoke_and_exact_resume(tiny_ckpt, tmp_path):
+def test_smoke_and_exact_resume(tiny_ckpt, run_ppo, read_log, tmp_path):
     # full-vocab KL, adaptive controller and reward whitening on, so their state is part of what must resume
-    knobs = TINY + [f"--init_from={tiny_ckpt}", "--kl_estimator=full", "--adaptive_kl=true", "--kl_target=0.01",
-                    "--kl_horizon=100", "--whiten_rewards=true", "--missing_eos_penalty=0.5", "--ent_coef=0.01",
-                    "--eval_interval=2", "--ckpt_interval=0"]
+    knobs = [f"--init_from={tiny_ckpt}", "--kl_estimator=full", "--adaptive_kl=true", "--kl_target=0.01",
+             "--kl_horizon=100", "--whiten_rewards=true", "--missing_eos_penalty=0.5", "--ent_coef=0.01",
+             "--eval_interval=2", "--ckpt_interval=0"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     proc = run_ppo(knobs + [f"--out_dir={straight}", "--max_iters=4"])
-    assert "iter 4/4" in proc.stdout and "eval before -> after" in proc.stdout
-    recs = train_records(straight)
-    assert [r["iter"] for r in recs] == [1, 2, 3, 4]
+    assert re.search(r"^step 4/4 \| score ", proc.stdout, re.M) and "eval before -> after" in proc.stdout
+    recs = read_log(straight, "train")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_log(straight, "eval")] == [0, 2, 4]
     for r in recs:
         for key in ("score", "kl", "kl_full", "entropy", "approx_kl", "clipfrac", "ratio_mean", "ratio_var",
                     "pg_loss", "v_loss", "explained_var", "resp_len", "ended", "kl_coef", "logprob_diff"):
-            assert math.isfinite(r[key]), f"{key} = {r[key]} at iter {r['iter']}"
+            assert math.isfinite(r[key]), f"{key} = {r[key]} at step {r['step']}"
         assert r["n_responses"] == 8 and r["logprob_diff"] < 1e-4
     assert recs[1]["kl_coef"] != recs[0]["kl_coef"], "the adaptive controller never moved"
     # the checkpoint loads like any other nanopost checkpoint
     model, ckpt = load_model(os.path.join(straight, "ckpt.pt"))
-    assert ckpt["step"] == 4 and "value_model" in ckpt and "ref_model" in ckpt
+    assert ckpt["step"] == 4 and ckpt["script"] == "train_ppo.py" and "value_model" in ckpt and "ref_model" in ckpt
 
     run_ppo(knobs + [f"--out_dir={split}", "--max_iters=2"])
     run_ppo(knobs + [f"--out_dir={split}", "--max_iters=4"] + ["--init_from=resume"])
     strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}
-    assert [strip(r) for r in train_records(split)] == [strip(r) for r in recs]
+    assert [strip(r) for r in read_log(split, "train")] == [strip(r) for r in recs]
+    assert [strip(r) for r in read_log(split, "eval")] == [strip(r) for r in read_log(straight, "eval")]
     resumed = torch.load(os.path.join(split, "ckpt.pt"), weights_only=False)
     for key in ("model", "value_model"):
         for name, w in ckpt[key].items():
@@ -252,20 +189,37 @@ def test_smoke_and_exact_resume(tiny_ckpt, tmp_path):
     assert resumed["kl_coef"] == ckpt["kl_coef"]
 
 
-def test_ddp_two_processes(tiny_ckpt, tmp_path):
+def test_ddp_two_processes(tiny_ckpt, run_ppo, read_log, tmp_path):
     # Compared: both ranks finish with identical policy and value weights (train_ppo asserts it after every
     # update), and the logged aggregates cover the global batch of 8 responses, 4 sampled per rank. The
     # gradient identity DDP relies on is test_global_token_count_makes_split_batches_equal_one_batch.
     out = str(tmp_path / "ddp")
-    proc = run_ppo(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=2"], nproc=2)
+    proc = run_ppo([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=2"], nproc=2)
     assert "2 rank(s) | 4 prompts/rank/iter" in proc.stdout
-    recs = train_records(out)
-    assert [r["iter"] for r in recs] == [1, 2] and all(r["n_responses"] == 8 for r in recs)
+    recs = read_log(out, "train")
+    assert [r["step"] for r in recs] == [1, 2] and all(r["n_responses"] == 8 for r in recs)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["step"] == 2 and len(ckpt["rank_rng"]) == 2
 
 
-def test_reward_fn_raising_stops_the_run(tiny_ckpt, tmp_path):
+def prompts_file(path, prompts):
+    path.write_text("".join(json.dumps(dict(prompt=p)) + "\n" for p in prompts))
+    return str(path)
+
+
+def test_too_long_prompt_names_its_line_before_training(tiny_ckpt, ppo_main, tok, tmp_path):
+    long = "Write an addition that equals 17, and then " * 6
+    n = len(tok.encode_prompt(long))
+    path = prompts_file(tmp_path / "prompts.jsonl", [f"Write an addition that equals {k}." for k in range(11, 20)]
+                        + [long])
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=f"^{re.escape(path)}:10: prompt is {n} tokens in the chat format; at most "
+                                        f"{64 - 6} fit"):
+        ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={out}", f"--prompts={path}", "--max_iters=1"])
+    assert not out.exists(), "refused before anything was written"
+
+
+def test_reward_fn_raising_stops_the_run(tiny_ckpt, ppo_main, tmp_path):
     (tmp_path / "bad_reward.py").write_text(textwrap.dedent("""
         def reward(prompts, responses):
             for p in prompts:
@@ -274,21 +228,65 @@ def test_reward_fn_raising_stops_the_run(tiny_ckpt, tmp_path):
             return [0.0] * len(prompts)
     """))
     # a prompts file whose batch must contain the failing prompt
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(dict(prompt=f"Write an addition that equals {n}.")) + "\n"
-                               for n in range(11, 19)))
-    proc = run_ppo(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'bad'}", "--max_iters=1",
-                              f"--reward_fn={tmp_path / 'bad_reward.py'}:reward", f"--prompts={prompts}"],
-                      check=False)
-    assert proc.returncode != 0
-    assert "ZeroDivisionError" in proc.stderr and "'Write an addition that equals 13.'" in proc.stderr
+    prompts = prompts_file(tmp_path / "prompts.jsonl", [f"Write an addition that equals {n}." for n in range(11, 19)])
+    with pytest.raises(UserError, match="raised ZeroDivisionError: cannot score this one on prompt "
+                                        "'Write an addition that equals 13.'"):
+        ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'bad'}", "--max_iters=1",
+                  f"--reward_fn={tmp_path / 'bad_reward.py'}:reward", f"--prompts={prompts}"])
+    assert not (tmp_path / "bad" / "ckpt.pt").exists()
 
 
-def test_non_finite_loss_stops_naming_the_iteration(tiny_ckpt, tmp_path):
+def test_non_finite_loss_stops_before_the_step(tiny_ckpt, ppo_main, tmp_path):
     # 1e30 is finite for the reward check, but its square overflows float32 in the value loss
     (tmp_path / "huge_reward.py").write_text("def reward(prompts, responses):\n    return [1e30] * len(prompts)\n")
-    proc = run_ppo(TINY + [f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'nan'}", "--max_iters=2",
-                              f"--reward_fn={tmp_path / 'huge_reward.py'}:reward"], check=False)
-    assert proc.returncode != 0
-    assert "iteration 1: non-finite loss" in proc.stderr, proc.stderr[-2000:]
-    assert not os.path.exists(tmp_path / "nan" / "ckpt.pt"), "a diverged run must not write a checkpoint"
+    out = tmp_path / "nan"
+    with pytest.raises(Diverged, match=rf"^non-finite v_loss=inf.* at step 1; {re.escape(str(out))}/ckpt.pt keeps the "
+                                       rf"last good checkpoint"):
+        ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=2",
+                  f"--reward_fn={tmp_path / 'huge_reward.py'}:reward"])
+    assert not (out / "ckpt.pt").exists(), "a diverged run must not write a checkpoint"
+
+
+def test_update_to_1e30_is_not_saved(tiny_ckpt, run_ppo, tmp_path):
+    # one minibatch, one epoch, one iteration: the only update makes the policy's weights ~1e30 (finite) and the
+    # losses it was computed from were finite, so only the check before saving can catch it. The random model
+    # scores 0 everywhere and starts at KL 0, so without the eos penalty every advantage (and gradient) is 0
+    out = tmp_path / "huge"
+    proc = run_ppo([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=1", "--ppo_epochs=1",
+                    "--num_minibatches=1", "--learning_rate=1e30", "--missing_eos_penalty=1"], check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr == (f"error: the policy is non-finite after step 1 (weights or outputs); not saving, "
+                           f"{out}/ckpt.pt keeps the last good checkpoint. Try a lower learning_rate.\n")
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_resume_with_new_learning_rate_and_kl_coef_uses_them(ppo_run, ppo_main, copy_run, read_log, tmp_path,
+                                                            capsys):
+    out = copy_run(ppo_run[0], tmp_path / "resumed")
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == 1e-3 and saved["kl_coef"] == 0.05
+    ppo_main(["--init_from=resume", f"--out_dir={out}", "--max_iters=3", "--learning_rate=5e-4", "--kl_coef=0.2"])
+    printed = capsys.readouterr().out
+    assert "changed: learning_rate 0.001 -> 0.0005" in printed and "changed: kl_coef 0.05 -> 0.2" in printed
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["config"]["learning_rate"] == 5e-4
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 5e-4  # the policy's AdamW stepped at the new rate
+    assert ckpt["value_optimizer"]["param_groups"][0]["lr"] == 1e-3  # value_lr was not given: unchanged
+    assert [(r["step"], r["kl_coef"]) for r in read_log(out, "train")] == [(1, 0.05), (2, 0.05), (3, 0.2)]
+
+
+@pytest.mark.parametrize("change,refused", [
+    ("--prompts=PROMPTS", "prompts '' -> 'PROMPTS'"),
+    ("--seed=7", "seed 1337 -> 7"),
+    ("--max_new_tokens=8", "max_new_tokens 6 -> 8"),
+])
+def test_resume_refuses_a_changed_run_defining_knob(ppo_run, ppo_main, copy_run, snapshot, tmp_path, change,
+                                                    refused):
+    path = prompts_file(tmp_path / "prompts.jsonl", [f"Write an addition that equals {n}." for n in range(11, 19)])
+    change, refused = change.replace("PROMPTS", path), refused.replace("PROMPTS", path)
+    out = copy_run(ppo_run[0], tmp_path / "refused")
+    before = snapshot(out)
+    ckpt = os.path.join(out, "ckpt.pt")
+    with pytest.raises(UserError, match=f"^cannot resume {re.escape(ckpt)}: {re.escape(refused)} \\(run-defining"):
+        ppo_main(["--init_from=resume", f"--out_dir={out}", "--max_iters=3", change])
+    assert snapshot(out) == before  # ckpt.pt and log.jsonl byte-identical, nothing added

@@ -1,108 +1,54 @@
 """
-train_sft.py: the real script, run as a subprocess on a tiny model for a few steps (cleanrl-style smoke tests),
-plus the batch builders imported directly.
+train_sft.py on a tiny model for a few steps (cleanrl-style smoke tests): the pretraining and SFT stages, an exact
+resume, 2-process data parallel, and the run-file policy: what a resume may change, what it refuses, a crash
+(kill -9) and its resume, a diverging run. The batch builders' tests are in test_data.py.
 
-The subprocesses run without TRITON_INTERPRET, so the kernels take their pure-PyTorch path (the kernels' own
-tests cover the Triton path); everything here runs on CPU in well under a minute and a half.
+Subprocesses run without TRITON_INTERPRET and in-process runs set the kernels' reference path (conftest), so the
+kernels take their pure-PyTorch path here; the kernels' own tests cover the Triton path.
 """
 
 import json
 import os
 import re
-import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 
-import kernels
-from nanopost.tokenizer import get_tokenizer
-from train_sft import IGNORE, collate, lr_at, sft_example
-from scripts import run_script
-
-
-# a ~50k-parameter model and the cheapest evaluation: these tests check the plumbing, not the learning
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--warmup_iters=2",
-        "--log_interval=1", "--eval_examples=4", "--heldout_docs=2", "--eval_prompts=2", "--eval_max_new_tokens=4"]
-
-
-def run(args, nproc=1, check=True):
-    return run_script("train_sft.py", args, nproc=nproc, check=check)
-
-
-def records(out_dir, kind):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
-
-
-def train_losses(out_dir):
-    return [(r["step"], r["loss"]) for r in records(out_dir, "train")]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny base model pretrained for 4 steps from scratch: the smoke test of the pretraining stage."""
-    out = str(tmp_path_factory.mktemp("base"))
-    p = run(["--data=pretrain", f"--out_dir={out}", "--max_iters=4", *TINY])
-    return out, p
+from nanopost.common import Diverged, UserError
+from train_sft import lr_at
 
 
 def sft_args(base_dir):
     # grad accumulation and the KL anchor on, so the resume and DDP checks below cover them too
     return ["--data=sft", f"--init_from={base_dir}/ckpt.pt", "--lr_decay_iters=20", "--eval_interval=10",
-            "--grad_accum=2", "--sft_kl_coef=0.1", *TINY]
+            "--grad_accum=2", "--sft_kl_coef=0.1"]
+
+
+def resume_args(base_dir):
+    # the same knobs with init_from=resume: the KL anchor must come back from the checkpoint, not from init_from
+    return [a for a in sft_args(base_dir) if not a.startswith("--init_from=")] + ["--init_from=resume"]
+
+
+def train_losses(read_log, out_dir):
+    return [(r["step"], r["loss"]) for r in read_log(out_dir, "train")]
 
 
 @pytest.fixture(scope="module")
-def sft(base, tmp_path_factory):
+def sft(base, run_sft, tmp_path_factory):
     """20 uninterrupted SFT steps from the base: the smoke test of the SFT stage and the reference run."""
     out = str(tmp_path_factory.mktemp("sft"))
-    p = run([*sft_args(base[0]), f"--out_dir={out}", "--max_iters=20"])
-    return out, p
+    return out, run_sft([*sft_args(base[0]), f"--out_dir={out}", "--max_iters=20"])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# batch builders (imported, no subprocess)
-
-def test_response_mask_only_response_tokens_count():
-    tok = get_tokenizer("nanopost")
-    prompt, completion = "Write an addition that equals 12.", "1+11=12"
-    x, y, truncated = sft_example(tok, prompt, completion, block_size=64)
-    p, r = tok.encode_prompt(prompt), tok.encode_response(completion)
-    assert not truncated
-    assert x == p + r[:-1]
-    assert y == [IGNORE] * (len(p) - 1) + r  # the first response token is predicted from <|assistant|>
-
-    # a second, shorter example forces right padding in the batch
-    x2, y2, _ = sft_example(tok, "Make 20 by adding two numbers.", "1+19=20", block_size=64)
-    X, Y = collate([(x, y), (x2, y2)], pad_id=tok.eot_id)  # (2, T)
-    assert X.shape == Y.shape == (2, max(len(x), len(x2)))
-    assert (Y[1, len(y2):] == IGNORE).all() and (X[1, len(x2):] == tok.eot_id).all()
-
-    # the loss is the response tokens' cross-entropy, and prompt/pad positions get exactly zero gradient:
-    # whatever the model predicts there, and whatever tokens sit there, the loss cannot see it
-    logits = torch.randn(*X.shape, tok.vocab_size, requires_grad=True)  # (2, T, V)
-    loss = kernels.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum")
-    logp = torch.log_softmax(logits.detach().double(), dim=-1)  # (2, T, V)
-    want = -sum(logp[b, t, Y[b, t]] for b in range(2) for t in range(X.shape[1]) if Y[b, t] != IGNORE)
-    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-4)
-    loss.backward()
-    masked = Y == IGNORE  # (2, T)
-    assert masked.sum() > 0 and (~masked).sum() == len(r) + len(tok.encode_response("1+19=20"))
-    assert (logits.grad[masked] == 0).all()
-    assert (logits.grad[~masked].abs().sum(-1) > 0).all()
-
-
-def test_long_examples_truncate_the_response_or_drop():
-    tok = get_tokenizer("nanopost")
-    prompt = "Write an addition that equals 12."
-    p = tok.encode_prompt(prompt)
-    block = len(p) + 3
-    x, y, truncated = sft_example(tok, prompt, "1+11=12 and many more words after that", block_size=block)
-    assert truncated and len(x) == len(y) == block
-    assert y[len(p) - 1:] == tok.encode_response("1+11=12 and many more words after that")[:4]
-    assert sft_example(tok, prompt, "x", block_size=len(p) - 1) is None  # the prompt alone does not fit
-    x, y, truncated = sft_example(tok, prompt, "", block_size=len(p))  # exactly fits: only <|endoftext|> learned
-    assert not truncated and y[-1] == tok.eot_id
+@pytest.fixture(scope="module")
+def half(base, run_sft, tmp_path_factory):
+    """The same run stopped (and saved) at step 10 of 20: the tests below resume copies of it."""
+    out = str(tmp_path_factory.mktemp("half"))
+    run_sft([*sft_args(base[0]), f"--out_dir={out}", "--max_iters=10"])
+    return out
 
 
 def test_lr_schedule():
@@ -114,69 +60,146 @@ def test_lr_schedule():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the real script
+# the stages
 
-def test_pretrain_then_sft_smoke(base, sft):
+def test_pretrain_then_sft_smoke(base, sft, read_log):
     out, p = base
     assert re.search(r"step 4/4 \| loss \d+\.\d{4} \| lr \S+ \| tok/s \d+ \| eta \d+m\d\ds", p.stdout), p.stdout
     assert "before -> after" in p.stdout
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    assert {"model", "model_args", "optimizer", "config", "step", "rng", "tokenizer"} <= set(ckpt)
+    assert {"model", "model_args", "optimizer", "config", "step", "rng", "tokenizer", "script"} <= set(ckpt)
     assert ckpt["step"] == 4 and ckpt["config"]["data"] == "pretrain" and ckpt["config"]["max_iters"] == 4
-    assert [s for s, _ in train_losses(out)] == [1, 2, 3, 4]
-    evals = records(out, "eval")
+    assert ckpt["script"] == "train_sft.py"
+    assert [s for s, _ in train_losses(read_log, out)] == [1, 2, 3, 4]
+    evals = read_log(out, "eval")
     assert [r["step"] for r in evals] == [0, 4] and set(evals[0]["heldout"]) == set(evals[-1]["heldout"])
 
     out, p = sft
     assert "responses truncated" in p.stdout and "| kl " in p.stdout
-    losses = train_losses(out)
+    losses = train_losses(read_log, out)
     assert [s for s, _ in losses] == list(range(1, 21)) and all(0 < l < 20 for _, l in losses)
-    kls = [r["kl"] for r in records(out, "train")]
+    kls = [r["kl"] for r in read_log(out, "train")]
     assert kls[0] == 0.0 and kls[-1] > 0  # the anchor starts at the initial model and measures the drift
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["config"]["data"] == "sft" and ckpt["model_args"]["n_embd"] == 32 and "ref_model" in ckpt
-    assert [r["step"] for r in records(out, "eval")] == [0, 10, 20]
-    assert "accuracy" in records(out, "eval")[-1]["task"]
+    assert [r["step"] for r in read_log(out, "eval")] == [0, 10, 20]
+    assert "accuracy" in read_log(out, "eval")[-1]["task"]
 
 
-def test_resume_is_exact(base, sft, tmp_path):
-    split = str(tmp_path / "split")
-    run([*sft_args(base[0]), f"--out_dir={split}", "--max_iters=10"])
-    # the same flags with init_from=resume (the KL anchor must come back from the checkpoint, not from init_from)
-    args = [a for a in sft_args(base[0]) if not a.startswith("--init_from=")]
-    run([*args, "--init_from=resume", f"--out_dir={split}", "--max_iters=20"])
-    want = train_losses(sft[0])
-    assert train_losses(split) == want  # bit-identical, not merely close
-
-
-def test_nonfinite_loss_stops_and_keeps_checkpoint(base, tmp_path):
-    out = str(tmp_path / "nan")
-    shutil.copytree(base[0], out)
-    with open(os.path.join(out, "ckpt.pt"), "rb") as f:
-        before = f.read()
-    # an absurd learning rate: the first update blows the weights up, the next forward is not finite
-    p = run(["--data=pretrain", "--init_from=resume", f"--out_dir={out}", "--max_iters=8", "--learning_rate=1e30",
-             "--eval_interval=1000", *TINY], check=False)
-    assert p.returncode != 0
-    m = re.search(r"non-finite loss .* at step (\d+)", p.stderr)
-    assert m and int(m.group(1)) > 4, p.stderr[-2000:]
-    with open(os.path.join(out, "ckpt.pt"), "rb") as f:
-        assert f.read() == before
-
-
-def test_bad_user_jsonl_names_file_and_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": "Write an addition that equals 12.", "completion": "1+11=12"}\n{"prompt": 3}\n')
-    p = run([f"--data={path}", f"--out_dir={tmp_path / 'out'}", "--max_iters=1", *TINY], check=False)
-    assert p.returncode != 0
-    assert f"{path}:2" in p.stderr, p.stderr[-2000:]
-
-
-def test_ddp_matches_single_process(base, sft, tmp_path):
+def test_ddp_matches_single_process(base, sft, run_sft, read_log, tmp_path):
     # 2 ranks x 2 rows vs 1 process x 4 rows, two micro-steps each: SFT batches have different numbers of loss
     # tokens per rank, so this also checks that the loss is normalized by the global token count
     two = str(tmp_path / "two")
-    run([*sft_args(base[0]), f"--out_dir={two}", "--max_iters=3"], nproc=2)
-    a, b = train_losses(sft[0])[:3], train_losses(two)
+    run_sft([*sft_args(base[0]), f"--out_dir={two}", "--max_iters=3"], nproc=2)
+    a, b = train_losses(read_log, sft[0])[:3], train_losses(read_log, two)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
     torch.testing.assert_close(torch.tensor([l for _, l in b]), torch.tensor([l for _, l in a]), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_user_jsonl_names_file_and_line(sft_main, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "Write an addition that equals 12.", "completion": "1+11=12"}\n{"prompt": 3}\n')
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))}:2: "):
+        sft_main([f"--data={path}", f"--out_dir={tmp_path / 'out'}", "--max_iters=1"])
+    assert not os.path.exists(tmp_path / "out"), "refused before anything was written"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume: exact, with new knobs, refused
+
+def test_resume_is_exact(base, sft, half, run_sft, read_log, copy_run, tmp_path):
+    split = copy_run(half, tmp_path / "split")
+    run_sft([*resume_args(base[0]), f"--out_dir={split}", "--max_iters=20"])
+    assert train_losses(read_log, split) == train_losses(read_log, sft[0])  # bit-identical, not merely close
+    assert [r["step"] for r in read_log(split, "eval")] == [0, 10, 20]  # the resumed step-10 eval logged once
+
+
+def test_resume_with_a_new_learning_rate_follows_the_new_schedule(base, half, sft_main, read_log, copy_run,
+                                                                   tmp_path, capsys):
+    out = copy_run(half, tmp_path / "new_lr")
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["config"]
+    assert saved["learning_rate"] == 1e-3 and saved["min_lr"] == 1e-4  # the stage default, resolved and saved
+    before = read_log(out)
+    sft_main([*resume_args(base[0]), f"--out_dir={out}", "--max_iters=12", "--learning_rate=2e-3"])
+    assert "changed: learning_rate 0.001 -> 0.002" in capsys.readouterr().out
+    log = read_log(out)
+    assert log[:len(before)] == before  # the first run's records, kept as they were
+    new = [r for r in log[len(before):] if r["kind"] == "train"]
+    assert [r["step"] for r in new] == [11, 12]
+    for r in new:  # the same cosine (min_lr, warmup, decay end from the checkpoint), with the new peak
+        assert r["lr"] == pytest.approx(lr_at(r["step"], 2e-3, 1e-4, 2, 20, True), rel=1e-12)
+        assert r["lr"] != pytest.approx(lr_at(r["step"], 1e-3, 1e-4, 2, 20, True))
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["config"]["learning_rate"] == 2e-3
+
+
+@pytest.mark.parametrize("change,refused", [
+    ("--data=pretrain", "data 'sft' -> 'pretrain'"),
+    ("--seed=7", "seed 1337 -> 7"),
+    ("--batch_size=8", "batch_size 4 -> 8"),
+    ("--n_embd=64", "n_embd 32 -> 64"),
+])
+def test_resume_refuses_a_changed_run_defining_knob(half, base, sft_main, copy_run, snapshot, tmp_path, change,
+                                                    refused):
+    out = copy_run(half, tmp_path / "refused")
+    before = snapshot(out)
+    ckpt = os.path.join(out, "ckpt.pt")
+    with pytest.raises(UserError, match=f"^cannot resume {re.escape(ckpt)}: {re.escape(refused)} \\(run-defining"):
+        sft_main([*resume_args(base[0]), f"--out_dir={out}", "--max_iters=12", change])
+    assert snapshot(out) == before  # ckpt.pt and log.jsonl byte-identical, nothing added
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# crashes: kill -9, a diverging run
+
+def complete_records(path):
+    """The records of the lines a running process has finished writing (a line is done when its newline is)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        text = f.read()
+    return [json.loads(line) for line in text.split("\n")[:-1]]
+
+
+def test_kill_9_then_resume_logs_every_step_once(base, start_script, run_sft, read_log, tmp_path):
+    out, k = str(tmp_path / "crash"), 3
+    knobs = ["--data=sft", f"--eval_interval={k}", f"--out_dir={out}"]
+    log_path, ckpt_path = os.path.join(out, "log.jsonl"), os.path.join(out, "ckpt.pt")
+    # far more steps than it can take before the kill: the kill, not the end of the run, stops it
+    proc = start_script("train_sft.py", [*knobs, f"--init_from={base[0]}/ckpt.pt", "--max_iters=100000"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:  # freeze it once it has logged steps past a saved checkpoint, then kill it frozen
+            assert proc.poll() is None, f"the run ended on its own:\n{proc.stderr.read()[-2000:]}"
+            assert time.time() < deadline, "no checkpoint after 120 s"
+            if max((r["step"] for r in complete_records(log_path)), default=0) > k:
+                os.kill(proc.pid, signal.SIGSTOP)
+                saved = torch.load(ckpt_path, weights_only=False)["step"] if os.path.exists(ckpt_path) else 0
+                logged = max(r["step"] for r in complete_records(log_path))
+                if saved >= k and logged > saved:
+                    break
+                os.kill(proc.pid, signal.SIGCONT)  # frozen between a save and the next record: once more
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # SIGKILL, also of a frozen process: no cleanup code runs
+        proc.wait()
+        proc.stderr.close()
+    assert complete_records(log_path)[-1]["step"] > saved, "records past the checkpoint, or this proves nothing"
+
+    end = saved + k + 1  # past one more save, ending off the eval grid
+    run_sft([*knobs, "--init_from=resume", f"--max_iters={end}"])
+    train = [r["step"] for r in read_log(out, "train")]
+    evals = [r["step"] for r in read_log(out, "eval")]
+    assert train == list(range(1, end + 1)), "every train step logged exactly once, in order"
+    assert evals == sorted({*range(0, end + 1, k), end}), "every eval logged exactly once"
+    assert torch.load(ckpt_path, weights_only=False)["step"] == end
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(base, half, sft_main, copy_run, snapshot, tmp_path):
+    out = copy_run(half, tmp_path / "nan")
+    ckpt = snapshot(out)["ckpt.pt"]
+    # an absurd peak learning rate (the cosine still has 10 steps to go): the first update blows the weights up,
+    # the next forward is not finite
+    with pytest.raises(Diverged, match=r"^non-finite loss=(nan|inf).* at step 12; .*ckpt.pt keeps the last good"):
+        sft_main([*resume_args(base[0]), f"--out_dir={out}", "--max_iters=14", "--learning_rate=1e30"])
+    assert snapshot(out)["ckpt.pt"] == ckpt

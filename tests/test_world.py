@@ -6,13 +6,7 @@ import time
 import pytest
 
 from nanopost import world as wm
-from nanopost.tokenizer import get_tokenizer
 from nanopost.world import TASK_PHRASINGS, encode_doc, load_world, parse_target, verify, write_world
-
-
-@pytest.fixture(scope="module")
-def w():
-    return load_world(0)
 
 
 def _hash_dir(d):
@@ -40,30 +34,30 @@ def test_determinism(tmp_path):
     assert load_world(0) is load_world(0)  # cached
 
 
-def test_shape(w):
-    assert w.skills == ["facts", "arithmetic", "stories", "chat"]
-    for s in w.skills:
-        assert len(w.pretrain[s]) >= 1000 and 100 <= len(w.heldout[s]) <= 300, s
-        for d in w.pretrain[s][:50] + w.heldout[s][:50]:
+def test_shape(world):
+    assert world.skills == ["facts", "arithmetic", "stories", "chat"]
+    for s in world.skills:
+        assert len(world.pretrain[s]) >= 1000 and 100 <= len(world.heldout[s]) <= 300, s
+        for d in world.pretrain[s][:50] + world.heldout[s][:50]:
             assert isinstance(d, str) or (set(d) == {"prompt", "completion"}), d
-    assert all(isinstance(d, dict) for d in w.pretrain["chat"] + w.heldout["chat"])
-    assert set(w.probes) == {"facts", "arithmetic"}
-    assert len({p["name"] for p in w.people}) == len(w.people) == wm.N_PEOPLE
+    assert all(isinstance(d, dict) for d in world.pretrain["chat"] + world.heldout["chat"])
+    assert set(world.probes) == {"facts", "arithmetic"}
+    assert len({p["name"] for p in world.people}) == len(world.people) == wm.N_PEOPLE
 
 
-def test_heldout_disjoint_from_train(w):
+def test_heldout_disjoint_from_train(world):
     def key(d):
         return d if isinstance(d, str) else (d["prompt"], d["completion"])
 
-    for s in w.skills:
-        train = {key(d) for d in w.pretrain[s]}
-        held = [key(d) for d in w.heldout[s]]
+    for s in world.skills:
+        train = {key(d) for d in world.pretrain[s]}
+        held = [key(d) for d in world.heldout[s]]
         assert len(set(held)) == len(held), s
         assert not train & set(held), s
     # arithmetic: no held-out operand pair (in either order) appears in any train equation of any skill
-    held_add = {tuple(p) for p in w.pairs["add_heldout"]}
-    held_sub = {tuple(p) for p in w.pairs["sub_heldout"]}
-    train_text = "\n".join(wm.doc_text(d) for s in w.skills for d in w.pretrain[s])
+    held_add = {tuple(p) for p in world.pairs["add_heldout"]}
+    held_sub = {tuple(p) for p in world.pairs["sub_heldout"]}
+    train_text = "\n".join(wm.doc_text(d) for s in world.skills for d in world.pretrain[s])
     equations = re.findall(r"(?<!\d)(\d+)([+-])(\d+)=", train_text)
     assert len(equations) > 10_000
     for a, op, b in equations:
@@ -74,17 +68,17 @@ def test_heldout_disjoint_from_train(w):
             assert (a, b) not in held_sub, (a, b)
     # arithmetic probes use held-out pairs, and are correct
     train_eqs = {(int(a), op, int(b)) for a, op, b in equations}
-    for prompt, completion in w.probes["arithmetic"]:
+    for prompt, completion in world.probes["arithmetic"]:
         a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)=", prompt).groups()
         assert (int(a), op, int(b)) not in train_eqs and (int(b), op, int(a)) not in train_eqs
         assert str(eval(prompt[:-1])) == completion  # noqa: S307 (our own digits-and-operator strings)
     # facts probes are true facts that occur in training
-    for prompt, completion in w.probes["facts"]:
+    for prompt, completion in world.probes["facts"]:
         assert prompt + completion + "." in train_text
 
 
-def test_task_not_in_pretraining(w):
-    docs = [d for s in w.skills for d in w.pretrain[s] + w.heldout[s]]
+def test_task_not_in_pretraining(world):
+    docs = [d for s in world.skills for d in world.pretrain[s] + world.heldout[s]]
     text = "\n".join(wm.doc_text(d) for d in docs)
     for ph in TASK_PHRASINGS:
         assert re.search(re.escape(ph).replace(re.escape("{N}"), r"\d+"), text) is None, ph
@@ -94,27 +88,27 @@ def test_task_not_in_pretraining(w):
                 parse_target(d["prompt"])
 
 
-def test_task_splits(w):
-    assert set(w.train_targets).isdisjoint(w.eval_targets)
-    assert set(w.train_targets) | set(w.eval_targets) == set(range(10, 100))
-    assert len(w.eval_targets) == 18  # a fifth of 10..99
-    ppo_n = {parse_target(p) for p in w.ppo_prompts}
-    sft_n = {parse_target(d["prompt"]) for d in w.sft_train + w.sft_val}
-    eval_n = {parse_target(p) for p in w.eval_prompts}
-    assert ppo_n == set(w.train_targets) and sft_n <= set(w.train_targets)
-    assert eval_n == set(w.eval_targets)
-    assert not set(w.eval_prompts) & set(w.ppo_prompts)
-    assert not {d["prompt"] for d in w.sft_val} & {d["prompt"] for d in w.sft_train}
-    assert len({parse_target(d["prompt"]) for d in w.sft_val}) == 8  # whole targets held out, every phrasing
-    assert not {parse_target(d["prompt"]) for d in w.sft_val} & {parse_target(d["prompt"]) for d in w.sft_train}
-    assert all(isinstance(p, str) for p in w.ppo_prompts + w.eval_prompts)
+def test_task_splits(world):
+    assert set(world.train_targets).isdisjoint(world.eval_targets)
+    assert set(world.train_targets) | set(world.eval_targets) == set(range(10, 100))
+    assert len(world.eval_targets) == 18  # a fifth of 10..99
+    ppo_n = {parse_target(p) for p in world.ppo_prompts}
+    sft_n = {parse_target(d["prompt"]) for d in world.sft_train + world.sft_val}
+    eval_n = {parse_target(p) for p in world.eval_prompts}
+    assert ppo_n == set(world.train_targets) and sft_n <= set(world.train_targets)
+    assert eval_n == set(world.eval_targets)
+    assert not set(world.eval_prompts) & set(world.ppo_prompts)
+    assert not {d["prompt"] for d in world.sft_val} & {d["prompt"] for d in world.sft_train}
+    assert len({parse_target(d["prompt"]) for d in world.sft_val}) == 8  # whole targets held out, every phrasing
+    assert not {parse_target(d["prompt"]) for d in world.sft_val} & {parse_target(d["prompt"]) for d in world.sft_train}
+    assert all(isinstance(p, str) for p in world.ppo_prompts + world.eval_prompts)
     # every phrasing is used for PPO and eval
     for ph in range(len(TASK_PHRASINGS)):
-        assert any(p == wm.task_prompt(n, ph) for p in w.eval_prompts for n in w.eval_targets)
+        assert any(p == wm.task_prompt(n, ph) for p in world.eval_prompts for n in world.eval_targets)
 
 
-def test_demonstrator_valid_and_narrow(w):
-    for d in w.sft_train + w.sft_val:
+def test_demonstrator_valid_and_narrow(world):
+    for d in world.sft_train + world.sft_val:
         r = verify(d["prompt"], d["completion"], ended=True)
         assert r["valid"] and r["score"] == 1.0, d
         n = parse_target(d["prompt"])
@@ -158,12 +152,11 @@ def test_verify_cases(response, valid, well_formed, answer):
     assert r == dict(valid=valid, well_formed=well_formed, ended=True, answer=answer, score=float(valid))
 
 
-def test_verify_not_ended():
+def test_verify_not_ended(world):
     r = verify("Write an addition that equals 17.", "12+5=17", ended=False)
     assert r["valid"] and not r["ended"] and r["score"] == 0.0
-    w = load_world(0)
-    assert w.score("Write an addition that equals 17.", "12+5=17", True) == 1.0
-    assert w.score("Write an addition that equals 17.", "12+5=17", False) == 0.0
+    assert world.score("Write an addition that equals 17.", "12+5=17", True) == 1.0
+    assert world.score("Write an addition that equals 17.", "12+5=17", False) == 0.0
 
 
 @pytest.mark.parametrize("prompt", ["What is 2+2?", "Write an addition that equals seventeen.", "",
@@ -180,19 +173,17 @@ def test_valid_answers_count():
     assert len(valid) == 13
 
 
-def test_encode_doc(w):
-    tok = get_tokenizer("nanopost")
-    text = w.pretrain["facts"][0]
+def test_encode_doc(world, tok):
+    text = world.pretrain["facts"][0]
     assert encode_doc(tok, text) == tok.encode(text) + [tok.eot_id]
-    chat = w.pretrain["chat"][0]
+    chat = world.pretrain["chat"][0]
     assert encode_doc(tok, chat) == tok.encode_prompt(chat["prompt"]) + tok.encode_response(chat["completion"])
     with pytest.raises(TypeError):
         encode_doc(tok, 3)
 
 
-def test_corpus_size(w):
-    tok = get_tokenizer("nanopost")
-    n = sum(len(encode_doc(tok, d)) for s in w.skills for d in w.pretrain[s])
+def test_corpus_size(world, tok):
+    n = sum(len(encode_doc(tok, d)) for s in world.skills for d in world.pretrain[s])
     assert 400_000 < n < 1_000_000, n
 
 
