@@ -80,10 +80,9 @@ def test_chat_layout(tok):
     assert tok.encode_response("") == [tok.eot_id]
 
 
-def test_compression_on_world(tok):
-    from nanopost.world import doc_text, load_world
-    w = load_world(0)
-    text = " ".join(doc_text(d) for d in w.pretrain["stories"][:200])
+def test_compression_on_world(tok, world):
+    from nanopost.world import doc_text
+    text = " ".join(doc_text(d) for d in world.pretrain["stories"][:200])
     assert len(text.encode()) / len(tok.encode(text)) > 3.0  # words of the world are (mostly) single tokens
 
 
