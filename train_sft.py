@@ -158,6 +158,10 @@ def main(argv):
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         cfg = resume_config(Config, {**given, "out_dir": cfg.out_dir}, ckpt, ckpt_path, "train_sft.py", RUN_DEFINING)
+        saved = ckpt["config"]
+        if "learning_rate" in given and "min_lr" not in given and saved["min_lr"] == saved["learning_rate"] / 10:
+            cfg = replace(cfg, min_lr=cfg.learning_rate / 10)  # the floor follows a new peak, as in a fresh run
+            print0(f"changed: min_lr {saved['min_lr']} -> {cfg.min_lr}")
         stage = "pretrain" if cfg.data == "pretrain" else "sft"
     elif cfg.init_from != "scratch":
         ckpt = load_checkpoint(cfg.init_from)

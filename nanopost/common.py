@@ -273,6 +273,9 @@ def lock_out_dir(out_dir):
     f.write(str(os.getpid()))
     f.flush()
     _locks.append(f)
+    for name in os.listdir(out_dir):  # temp files of a writer killed mid-save: nobody else writes here now
+        if name.startswith("ckpt.pt.") and name.endswith(".tmp"):
+            os.remove(os.path.join(out_dir, name))
 
 
 # -----------------------------------------------------------------------------
@@ -304,8 +307,10 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         what = re.search(r"GLOBAL (\S+)", str(e))
-        raise UserError(f"checkpoint {path} holds {what.group(1) if what else 'objects'}, not only tensors and plain "
-                        f"data: refused, since loading it could run code") from None
+        if what is None:  # not a pickle torch can read at all
+            raise UserError(f"checkpoint {path} could not be read: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"checkpoint {path} holds {what.group(1)}, not only tensors and plain data: refused, since "
+                        f"loading it could run code") from None
     except Exception as e:  # torch raises several unrelated types for a truncated or foreign file
         raise UserError(f"checkpoint {path} could not be read: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
@@ -353,12 +358,16 @@ def set_rng_state(state):
 # -----------------------------------------------------------------------------
 # the non-finite policy: never take a step on a non-finite gradient, never save a model that computes NaN
 
+def _kept(ckpt_path):
+    return f"{ckpt_path} keeps the last good checkpoint" if os.path.exists(ckpt_path) else "no checkpoint was written"
+
+
 def check_finite(step, ckpt_path, **values):
     """Raise Diverged naming every non-finite value (loss, gradient norm, ...) at this step."""
     bad = {k: v for k, v in values.items() if not math.isfinite(float(v))}
     if bad:
         raise Diverged(f"non-finite {', '.join(f'{k}={float(v)}' for k, v in bad.items())} at step {step}; "
-                       f"{ckpt_path} keeps the last good checkpoint. Try a lower learning_rate.")
+                       f"{_kept(ckpt_path)}. Try a lower learning_rate.")
 
 
 @torch.no_grad()
@@ -375,7 +384,7 @@ def check_model_finite(step, ckpt_path, **models):
         model.train(was_training)
         if not finite:
             raise Diverged(f"the {name} is non-finite after step {step} (weights or outputs); not saving, "
-                           f"{ckpt_path} keeps the last good checkpoint. Try a lower learning_rate.")
+                           f"{_kept(ckpt_path)}. Try a lower learning_rate.")
 
 
 # -----------------------------------------------------------------------------

@@ -114,6 +114,16 @@ def test_lock_out_dir_admits_one_holder(tmp_path):
     lock_out_dir(out)  # the directory is free again
 
 
+def test_lock_removes_the_temp_files_of_a_writer_killed_mid_save(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt.k3j2.tmp").write_bytes(b"half a checkpoint")
+    (out / "ckpt.pt").write_bytes(b"the last good one")
+    (out / "notes.tmp").write_text("the user's")
+    lock_out_dir(str(out))
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "notes.tmp"]
+
+
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     out = str(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -209,7 +219,7 @@ def test_load_checkpoint_refuses_what_is_not_a_checkpoint(tmp_path):
         load_checkpoint(str(cut))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(UserError, match=f"^checkpoint {re.escape(str(garbage))} "):
+    with pytest.raises(UserError, match=f"^checkpoint {re.escape(str(garbage))} could not be read: "):
         load_checkpoint(str(garbage))
     other = str(tmp_path / "other.pt")
     torch.save({"weights": torch.zeros(2)}, other)
@@ -220,11 +230,15 @@ def test_load_checkpoint_refuses_what_is_not_a_checkpoint(tmp_path):
 # -----------------------------------------------------------------------------
 # the non-finite stops
 
-def test_check_finite_names_every_bad_value_and_the_step():
-    check_finite(3, "out/ckpt.pt", loss=1.5, grad_norm=torch.tensor(2.0))
-    with pytest.raises(Diverged, match=r"^non-finite loss=nan, grad_norm=inf at step 3; out/ckpt.pt keeps the last "
-                                       r"good checkpoint\."):
-        check_finite(3, "out/ckpt.pt", loss=float("nan"), kl=0.0, grad_norm=torch.tensor(float("inf")))
+def test_check_finite_names_every_bad_value_and_the_step(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    check_finite(3, str(ckpt), loss=1.5, grad_norm=torch.tensor(2.0))
+    with pytest.raises(Diverged, match=r"^non-finite loss=nan, grad_norm=inf at step 3; no checkpoint was written\."):
+        check_finite(3, str(ckpt), loss=float("nan"), kl=0.0, grad_norm=torch.tensor(float("inf")))
+    ckpt.write_bytes(b"an earlier save")
+    with pytest.raises(Diverged, match=f"^non-finite loss=nan at step 3; {re.escape(str(ckpt))} keeps the last good "
+                                       r"checkpoint\."):
+        check_finite(3, str(ckpt), loss=float("nan"))
 
 
 def test_check_model_finite_refuses_huge_or_nan_weights(tiny_gpt):
@@ -243,7 +257,7 @@ def test_check_model_finite_refuses_huge_or_nan_weights(tiny_gpt):
         nan.lm_head.weight[0, 0] = float("nan")
     for bad in (huge, nan):
         with pytest.raises(Diverged, match=r"^the value_model is non-finite after step 4 \(weights or outputs\); "
-                                           r"not saving, out/ckpt.pt keeps the last good checkpoint"):
+                                           r"not saving, no checkpoint was written"):
             check_model_finite(4, "out/ckpt.pt", policy=model, value_model=bad)
 
 

@@ -240,8 +240,7 @@ def test_non_finite_loss_stops_before_the_step(tiny_ckpt, ppo_main, tmp_path):
     # 1e30 is finite for the reward check, but its square overflows float32 in the value loss
     (tmp_path / "huge_reward.py").write_text("def reward(prompts, responses):\n    return [1e30] * len(prompts)\n")
     out = tmp_path / "nan"
-    with pytest.raises(Diverged, match=rf"^non-finite v_loss=inf.* at step 1; {re.escape(str(out))}/ckpt.pt keeps the "
-                                       rf"last good checkpoint"):
+    with pytest.raises(Diverged, match=r"^non-finite v_loss=inf.* at step 1; no checkpoint was written"):
         ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=2",
                   f"--reward_fn={tmp_path / 'huge_reward.py'}:reward"])
     assert not (out / "ckpt.pt").exists(), "a diverged run must not write a checkpoint"
@@ -255,8 +254,8 @@ def test_update_to_1e30_is_not_saved(tiny_ckpt, run_ppo, tmp_path):
     proc = run_ppo([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=1", "--ppo_epochs=1",
                     "--num_minibatches=1", "--learning_rate=1e30", "--missing_eos_penalty=1"], check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert proc.stderr == (f"error: the policy is non-finite after step 1 (weights or outputs); not saving, "
-                           f"{out}/ckpt.pt keeps the last good checkpoint. Try a lower learning_rate.\n")
+    assert proc.stderr == ("error: the policy is non-finite after step 1 (weights or outputs); not saving, "
+                           "no checkpoint was written. Try a lower learning_rate.\n")
     assert not (out / "ckpt.pt").exists()
 
 

@@ -121,15 +121,18 @@ def test_resume_with_a_new_learning_rate_follows_the_new_schedule(base, half, sf
     assert saved["learning_rate"] == 1e-3 and saved["min_lr"] == 1e-4  # the stage default, resolved and saved
     before = read_log(out)
     sft_main([*resume_args(base[0]), f"--out_dir={out}", "--max_iters=12", "--learning_rate=2e-3"])
-    assert "changed: learning_rate 0.001 -> 0.002" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "changed: learning_rate 0.001 -> 0.002" in printed
+    assert "changed: min_lr 0.0001 -> 0.0002" in printed  # the default floor (lr / 10) follows the new peak
     log = read_log(out)
     assert log[:len(before)] == before  # the first run's records, kept as they were
     new = [r for r in log[len(before):] if r["kind"] == "train"]
     assert [r["step"] for r in new] == [11, 12]
-    for r in new:  # the same cosine (min_lr, warmup, decay end from the checkpoint), with the new peak
-        assert r["lr"] == pytest.approx(lr_at(r["step"], 2e-3, 1e-4, 2, 20, True), rel=1e-12)
+    for r in new:  # the same cosine (warmup and decay end from the checkpoint), with the new peak and floor
+        assert r["lr"] == pytest.approx(lr_at(r["step"], 2e-3, 2e-4, 2, 20, True), rel=1e-12)
         assert r["lr"] != pytest.approx(lr_at(r["step"], 1e-3, 1e-4, 2, 20, True))
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["config"]["learning_rate"] == 2e-3
+    config = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["config"]
+    assert (config["learning_rate"], config["min_lr"]) == (2e-3, 2e-4)
 
 
 @pytest.mark.parametrize("change,refused", [
