@@ -50,7 +50,7 @@ from nanopost.evaluate import spread, task_eval
 from nanopost.model import ValueModel
 from nanopost.reward import load_reward_fn, score_responses
 from nanopost.rollout import at_response, response_logprobs, rollout
-from nanopost.tokenizer import get_tokenizer
+from nanopost.tokenizer import from_checkpoint
 from nanopost.world import load_world
 
 # -----------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def main(argv):
     # -------------------------------------------------------------------------
     # models: policy (trained), reference (frozen initial policy), value model (trunk + scalar head)
     model_args = dict(ckpt["model_args"], dropout=0.0)  # N-details: dropout would make rollout and update differ
-    tok = get_tokenizer(ckpt.get("tokenizer", "nanopost"))
+    tok = from_checkpoint(ckpt, ckpt_path if resume else cfg.init_from)
     policy = load_weights(build_model(model_args), ckpt["model"]).to(rt.device)
     ref_policy = load_weights(build_model(model_args), ckpt["ref_model" if resume else "model"]).to(rt.device)
     ref_policy.requires_grad_(False)
@@ -267,7 +267,7 @@ def main(argv):
         if rt.master:
             save_checkpoint(ckpt_path, dict(
                 model=policy.state_dict(), model_args=model_args, config=asdict(cfg), step=step,
-                tokenizer=tok.name, script="train_ppo.py", optimizer=optimizer.state_dict(),
+                script="train_ppo.py", **tok.checkpoint_entries(), optimizer=optimizer.state_dict(),
                 value_model=value_model.state_dict(), value_model_args=value_args,
                 value_optimizer=value_optimizer.state_dict(), ref_model=ref_policy.state_dict(), kl_coef=kl_coef,
                 rng=get_rng_state(), data_rng=data_gen.get_state(), rank_rng=gathered))

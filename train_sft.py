@@ -8,6 +8,9 @@ Both stages minimize next-token cross-entropy; they differ only in which tokens 
                     tokens and padding get target IGNORE, as in InstructGPT's SFT stage
   --data=FILE.jsonl the same with your own {"prompt","completion"} or {"messages": [...]} lines
                     (nanopost.data.load_sft_jsonl; the last 10% of the file is held out for the val loss)
+  --data=FILE.txt   every token of your corpus (or a .jsonl of {"text": ...} documents), tokenized once into a
+                    cached memmap (nanopost.data.load_corpus); its last 10% is held out for the val loss.
+                    --tokenizer=my.bpe (from `python -m nanopost.tokenizer --data=...`) for a scratch model.
 
 The default pipeline (CPU, 2 cores, ~1M-parameter model; see the README for the numbers we measured):
 
@@ -35,12 +38,14 @@ Deliberate choices and deviations:
 - sft_kl_coef > 0 adds coef * KL(policy || initial model) per loss token (kernels.token_kl), a cheap anchor
   against forgetting; the frozen copy is stored in the checkpoint so a resumed run anchors to the same model.
 - bf16 autocast and torch.compile are used on CUDA only; on CPU the loop is plain float32 eager torch.
-- Evaluation (rank 0, every eval_interval steps, before the first step and at the end): val loss, held-out loss
-  per pretraining skill (forgetting) and the verifier's accuracy on sampled answers to held-out task prompts.
-  The task eval is skipped for a scratch model at step 0 (it scores 0 and every sample runs to the length limit).
+- Evaluation (rank 0, every eval_interval steps, before the first step and at the end): val loss; on the
+  built-in data also held-out loss per pretraining skill (forgetting) and the verifier's accuracy on sampled
+  answers to held-out task prompts (skipped for a scratch model at step 0: it scores 0 and every sample runs to
+  the length limit); on your corpus, a sample continuing the held-out text.
 """
 
 import copy
+import hashlib
 import math
 import os
 import time
@@ -54,10 +59,10 @@ from nanopost.common import (RunLog, UserError, all_reduce_sum, assert_in_sync, 
                              check_model_finite, entry, format_eta, get_rng_state, knob, load_checkpoint, load_weights,
                              lock_out_dir, parse_config, print0, resume_config, save_checkpoint, set_rng_state,
                              setup_runtime, sync_grads, teardown, validate)
-from nanopost.data import IGNORE, collate, load_prompts, load_sft_jsonl, sft_example, windows
+from nanopost.data import IGNORE, collate, is_corpus, load_corpus, load_prompts, load_sft_jsonl, sft_example, windows
 from nanopost.evaluate import heldout_losses, spread, task_eval
 from nanopost.model import GPTConfig
-from nanopost.tokenizer import get_tokenizer
+from nanopost.tokenizer import from_checkpoint, get_tokenizer
 from nanopost.world import encode_doc, load_world
 
 TASK_SHOWN = ("accuracy", "ended", "well_formed", "distinct_valid")  # of task_eval's metrics; log.jsonl has all
@@ -147,7 +152,7 @@ def lr_at(step, lr, min_lr, warmup_iters, decay_iters, decay):
 
 def main(argv):
     cfg, given = parse_config(Config, argv)
-    stage = "pretrain" if cfg.data == "pretrain" else "sft"
+    stage = "pretrain" if cfg.data == "pretrain" or is_corpus(cfg.data) else "sft"
     # resolve the stage defaults now, so the config saved in the checkpoint holds the values actually used
     cfg = replace(cfg, **{k: v for k, v in STAGE_DEFAULTS[stage].items() if getattr(cfg, k) in (-1, "")})
     cfg = replace(cfg, min_lr=cfg.learning_rate / 10 if cfg.min_lr < 0 else cfg.min_lr,
@@ -158,11 +163,11 @@ def main(argv):
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         cfg = resume_config(Config, {**given, "out_dir": cfg.out_dir}, ckpt, ckpt_path, "train_sft.py", RUN_DEFINING)
-        saved = ckpt["config"]
+        saved, saved_data_hash = ckpt["config"], ckpt.get("data_hash")
         if "learning_rate" in given and "min_lr" not in given and saved["min_lr"] == saved["learning_rate"] / 10:
             cfg = replace(cfg, min_lr=cfg.learning_rate / 10)  # the floor follows a new peak, as in a fresh run
             print0(f"changed: min_lr {saved['min_lr']} -> {cfg.min_lr}")
-        stage = "pretrain" if cfg.data == "pretrain" else "sft"
+        stage = "pretrain" if cfg.data == "pretrain" or is_corpus(cfg.data) else "sft"
     elif cfg.init_from != "scratch":
         ckpt = load_checkpoint(cfg.init_from)
     validate(cfg)
@@ -188,8 +193,8 @@ def main(argv):
     else:
         model_args = ckpt["model_args"]
         model = load_weights(build_model(model_args), ckpt["model"])
-        tok = get_tokenizer(ckpt.get("tokenizer", cfg.tokenizer))
         path = ckpt_path if resume else cfg.init_from
+        tok = from_checkpoint(ckpt, path)
         if model_args["vocab_size"] < tok.vocab_size:
             raise UserError(f"{path}: the model has {model_args['vocab_size']} token embeddings but tokenizer "
                             f"{tok.name!r} has {tok.vocab_size} tokens")
@@ -209,23 +214,34 @@ def main(argv):
     # ------------------------------------------------------------------------------------------------------------
     # data
 
+    # the built-in world's own metrics (forgetting per skill, task accuracy) only when it is the data
+    builtin = cfg.data in ("pretrain", "sft")
     world = load_world(seed=cfg.world_seed)
-    eval_prompts = spread(world.eval_prompts, cfg.eval_prompts)  # every phrasing, not only the first
+    eval_prompts = spread(world.eval_prompts, cfg.eval_prompts if builtin else 0)  # every phrasing, not the first
     eval_prompts = load_prompts("", eval_prompts, tok, block_size, cfg.max_new_tokens)
-    stream = val_stream = train_examples = val_examples = None
-    if stage == "pretrain":
+    stream = val_stream = train_examples = val_examples = data_hash = None
+    if cfg.data == "pretrain":
         # every skill's docs, each ending in <|endoftext|>, as one stream: windows cross doc boundaries like GPT-2's
-        stream = torch.tensor([t for s in world.skills for d in world.pretrain[s] for t in encode_doc(tok, d)])
-        val_stream = torch.tensor([t for s in world.skills for d in world.heldout[s] for t in encode_doc(tok, d)])
-        for name, s in (("pretrain", stream), ("held-out", val_stream)):
+        stream = np.array([t for s in world.skills for d in world.pretrain[s] for t in encode_doc(tok, d)])
+        val_stream = np.array([t for s in world.skills for d in world.heldout[s] for t in encode_doc(tok, d)])
+    elif stage == "pretrain":
+        # your corpus, tokenized once into a cached memmap; its last 10% (at least one window) is the val stream
+        tokens, data_hash = load_corpus(cfg.data, tok, cfg.out_dir)
+        n_val = max(len(tokens) // 10, block_size + 2)
+        stream, val_stream = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    if stage == "pretrain":
+        for name, s in (("train", stream), ("held-out", val_stream)):
             if len(s) <= block_size + 1:
-                raise UserError(f"the {name} stream has {len(s)} tokens, fewer than block_size+2={block_size + 2}")
-        print0(f"data: pretrain stream {len(stream):,} tokens | held-out {len(val_stream):,} tokens")
+                raise UserError(f"{cfg.data}: the {name} stream has {len(s)} tokens, fewer than block_size+2="
+                                f"{block_size + 2}")
+        print0(f"data: train stream {len(stream):,} tokens | held-out {len(val_stream):,} tokens")
     else:
         if cfg.data == "sft":
             train_raw, val_raw = world.sft_train, world.sft_val
         else:
             raw = load_sft_jsonl(cfg.data)  # UserError("path:LINE: ...") on a bad line
+            with open(cfg.data, "rb") as f:
+                data_hash = hashlib.sha256(f.read()).hexdigest()
             # hold out the last 10% as validation; a tiny file validates on its training examples
             n_val = len(raw) // 10
             train_raw, val_raw = (raw[:-n_val], raw[-n_val:]) if n_val > 0 else (raw, raw)
@@ -241,6 +257,9 @@ def main(argv):
                 train_examples = kept
             else:
                 val_examples = kept
+    if resume and saved_data_hash != data_hash:
+        raise UserError(f"cannot resume {ckpt_path}: {cfg.data} is not the data it started with (its tokens "
+                        f"changed); train on it in a new out_dir")
 
     def get_batch(step):
         """-> X, Y (B, T) for this rank, as a list of grad_accum micro-batches, and the global loss-token count."""
@@ -294,21 +313,33 @@ def main(argv):
             count += int((Y != IGNORE).sum())
         return total / count
 
+    @torch.no_grad()
+    def sample():
+        """A continuation of the held-out stream's first tokens: what the model has learned to write."""
+        start = [int(t) for t in val_stream[:16]]
+        gen = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+        out, _, _ = raw_model.generate([start], cfg.max_new_tokens, temperature=cfg.eval_temperature,
+                                       generator=gen)
+        return tok.decode_text(start) + " >>> " + tok.decode_text(out[0, len(start):].tolist())
+
     def evaluate(step):
         raw_model.eval()
         record = dict(kind="eval", step=step, val_loss=val_loss())
+        line = f"eval {step}/{cfg.max_iters} | val {record['val_loss']:.4f}"
         with rt.autocast():
-            record["heldout"] = heldout_losses(raw_model, tok, world, rt.device, max_docs=cfg.heldout_docs)
+            if builtin:
+                record["heldout"] = heldout_losses(raw_model, tok, world, rt.device, max_docs=cfg.heldout_docs)
+                line += " | heldout " + " ".join(f"{s} {v:.4f}" for s, v in record["heldout"].items())
             # a scratch model at step 0 scores 0 and runs every sample to the length limit: not worth the time
             if eval_prompts and not (step == 0 and cfg.init_from == "scratch"):
                 record["task"] = task_eval(raw_model, tok, world, eval_prompts, k=1,
                                            temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                                            seed=cfg.seed, device=rt.device)
+                line += " | task " + " ".join(f"{k} {record['task'][k]:.3f}" for k in TASK_SHOWN)
+            if stage == "pretrain" and not builtin:
+                record["sample"] = sample()
+                line += f"\nsample {step}: {record['sample']!r}"
         raw_model.train()
-        line = f"eval {step}/{cfg.max_iters} | val {record['val_loss']:.4f} | heldout " + " ".join(
-            f"{s} {v:.4f}" for s, v in record["heldout"].items())
-        if "task" in record:
-            line += " | task " + " ".join(f"{k} {record['task'][k]:.3f}" for k in TASK_SHOWN)
         print(line)
         log.write(record)
         return record
@@ -316,8 +347,8 @@ def main(argv):
     def save(step):
         check_model_finite(step, ckpt_path, model=raw_model)
         obj = dict(model=raw_model.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(),
-                   config=asdict(cfg), step=step, rng=get_rng_state(), tokenizer=tok.name, stage=stage,
-                   script="train_sft.py")
+                   config=asdict(cfg), step=step, rng=get_rng_state(), stage=stage, script="train_sft.py",
+                   data_hash=data_hash, **tok.checkpoint_entries())
         if ref_model is not None:
             obj["ref_model"] = ref_model.state_dict()
         save_checkpoint(ckpt_path, obj)
@@ -385,8 +416,9 @@ def main(argv):
     # summary: forgetting on each pretraining skill, before vs after this run
 
     if rt.master and first is not None and record is not None:
-        print(f"done in {format_eta(time.time() - t_start)}. held-out loss per pretraining skill (before -> after):")
-        for s, before in first["heldout"].items():
+        print(f"done in {format_eta(time.time() - t_start)}. val loss {first['val_loss']:.4f} -> "
+              f"{record['val_loss']:.4f}" + ("; held-out loss per pretraining skill:" if builtin else ""))
+        for s, before in first.get("heldout", {}).items():
             print(f"  {s:12s} {before:.4f} -> {record['heldout'][s]:.4f}")
         if "task" in first and "task" in record:
             print(f"task accuracy on {len(eval_prompts)} held-out prompts: {first['task']['accuracy']:.3f} -> "

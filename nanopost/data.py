@@ -16,8 +16,12 @@ Every problem is a UserError "path:LINE: what is wrong". In particular
   - a file with no records is an error.
 """
 
+import hashlib
 import json
+import os
+import time
 
+import numpy as np
 import torch
 
 from nanopost.common import UserError
@@ -190,6 +194,105 @@ def collate(examples, pad_id):
 
 
 def windows(stream, starts, block_size):
-    """Pretraining batch: X = stream[s : s+T], Y = stream[s+1 : s+T+1] for each start s. -> (B, T) long each."""
-    idx = torch.as_tensor(starts, dtype=torch.long)[:, None] + torch.arange(block_size)  # (B, T)
-    return stream[idx], stream[idx + 1]
+    """Pretraining batch: X = stream[s : s+T], Y = stream[s+1 : s+T+1] for each start s. -> (B, T) long each.
+    stream: a 1-D numpy array or memmap (only the rows read leave the disk)."""
+    idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(block_size)  # (B, T)
+    return torch.from_numpy(stream[idx].astype(np.int64)), torch.from_numpy(stream[idx + 1].astype(np.int64))
+
+
+# -----------------------------------------------------------------------------
+# a pretraining corpus: plain text, or JSONL of {"text": ...}, tokenized once into a cached memmap
+
+CORPUS_BLOCK = 1 << 20  # characters of a .txt tokenized at a time: memory stays flat however large the file
+
+
+def is_corpus(path):
+    """A .txt file, or a .jsonl whose first line has a "text" key (SFT lines have prompt/completion/messages)."""
+    if path.endswith(".txt"):
+        return True
+    if not path.endswith(".jsonl") or not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    try:
+        return isinstance(json.loads(first), dict) and "text" in json.loads(first)
+    except json.JSONDecodeError:
+        return False
+
+
+def corpus_texts(path):
+    """The corpus as pieces of text: each document of a .jsonl (its tokens get an <|endoftext|> after them), or
+    blocks of about CORPUS_BLOCK characters of a .txt, each cut after a newline that a non-space follows: no
+    pre-token spans such a cut, so the blocks tokenize exactly as the whole file would. Yields (text, ends_doc)."""
+    try:
+        f = open(path, encoding="utf-8", newline="")  # newline="": the text exactly as stored, \r\n included
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        if path.endswith(".jsonl"):
+            for lineno, line in enumerate(f, 1):
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise UserError(f"{path}:{lineno}: expected an object with a \"text\" string")
+                yield obj["text"], True
+            return
+        carry = ""
+        while True:
+            try:
+                block = f.read(CORPUS_BLOCK)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not valid UTF-8 ({e.reason})") from None
+            text = carry + block
+            if not block:
+                yield text, True  # a .txt is one document
+                return
+            cut = text.rfind("\n", 0, len(text) - 1)  # the last newline that a non-space follows
+            while cut >= 0 and text[cut + 1].isspace():
+                cut = text.rfind("\n", 0, cut)
+            if cut < 0:
+                carry = text  # no safe cut yet: read on (only a file without line breaks is read whole)
+                continue
+            yield text[:cut + 1], False
+            carry = text[cut + 1:]
+
+
+def load_corpus(path, tok, fallback_dir):
+    """-> (tokens, sha256 of the tokens): the corpus tokenized with `tok` as a read-only np.memmap (uint16 when
+    the vocabulary fits, else uint32). The tokens are cached beside the corpus (in fallback_dir when that folder
+    is read-only) and reused while the file's size and modification time and the tokenizer are unchanged."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: cannot read (no such file)")
+    st = os.stat(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.access(folder, os.W_OK):
+        folder = fallback_dir
+        os.makedirs(folder, exist_ok=True)
+    cache = os.path.join(folder, f"{os.path.basename(path)}.{tok.fingerprint}.tokens")
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    key = dict(size=st.st_size, mtime_ns=st.st_mtime_ns, tokenizer=tok.fingerprint, dtype=np.dtype(dtype).name)
+    try:
+        with open(cache + ".json") as f:
+            meta = json.load(f)
+        if {k: meta.get(k) for k in key} == key and os.path.getsize(cache) == meta["n_tokens"] * dtype().itemsize:
+            return np.memmap(cache, dtype=dtype, mode="r"), meta["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass  # no cache, or a stale or broken one: tokenize again
+    t0, n_tokens, n_chars, h = time.time(), 0, 0, hashlib.sha256()
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as out:
+        for text, ends in corpus_texts(path):
+            ids = np.asarray(tok.encode(text) + ([tok.eot_id] if ends else []), dtype=dtype)
+            out.write(ids.tobytes())
+            h.update(ids.tobytes())
+            n_tokens, n_chars = n_tokens + len(ids), n_chars + len(text)
+            if n_chars // CORPUS_BLOCK != (n_chars - len(text)) // CORPUS_BLOCK:
+                print(f"tokenizing {path}: {n_chars / 1e6:.1f}M characters -> {n_tokens / 1e6:.2f}M tokens "
+                      f"| {time.time() - t0:.0f}s", flush=True)
+    os.replace(tmp, cache)
+    with open(cache + ".json", "w") as f:
+        json.dump(dict(key, n_tokens=n_tokens, sha256=h.hexdigest(), source=os.path.abspath(path)), f)
+    print(f"tokenized {path}: {n_tokens:,} tokens in {time.time() - t0:.1f}s, cached in {cache}", flush=True)
+    return np.memmap(cache, dtype=dtype, mode="r"), h.hexdigest()

@@ -35,7 +35,7 @@ import kernels
 from nanopost.common import UserError, entry, knob, load_model, parse_config, resolve_device
 from nanopost.data import IGNORE, collate
 from nanopost.rollout import at_response, response_logprobs, rollout
-from nanopost.tokenizer import get_tokenizer
+from nanopost.tokenizer import from_checkpoint
 from nanopost.world import encode_doc, load_world
 
 # rows per forward pass: the (rows, T, V) fp32 logits dominate memory; 32 x 128 x 4k x 4 B = 64 MB
@@ -293,7 +293,7 @@ def evaluate_checkpoints(base_path, paths, device="cpu", world_seed=-1, log=prin
     if world_seed < 0:
         world_seed = (base_ckpt.get("config") or {}).get("world_seed", 0)
     world = load_world(seed=world_seed)
-    tok = get_tokenizer(base_ckpt.get("tokenizer", "nanopost"))
+    tok = from_checkpoint(base_ckpt, base_path)
     results = {}
     # the base is the zero point: KL to itself is 0 (tests check the kernel agrees), its losses anchor forgetting
     t0 = time.time()
@@ -308,9 +308,9 @@ def evaluate_checkpoints(base_path, paths, device="cpu", world_seed=-1, log=prin
     for path in paths:
         t0 = time.time()
         model, ckpt = load_model(path, device)
-        name = ckpt.get("tokenizer", tok.name)
-        if name != tok.name:
-            raise UserError(f"{path}: tokenizer {name!r} differs from the base checkpoint's {tok.name!r}")
+        other = from_checkpoint(ckpt, path)
+        if other.fingerprint != tok.fingerprint:
+            raise UserError(f"{path}: tokenizer {other.name!r} differs from the base checkpoint's {tok.name!r}")
         m = evaluate_model(model, tok, world, device, base_model=base_model, base_metrics=base_metrics, **kw)
         results[path] = m
         log(f"eval | {path} | acc {m['accuracy']:.3f} | kl {m['kl_base']:.4f} | dloss {m['dloss_mean']:+.4f} | "

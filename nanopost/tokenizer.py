@@ -1,11 +1,18 @@
 """
-Tokenizers: the built-in "nanopost" byte-level BPE (offline, shipped with the package) and GPT-2's (tiktoken).
+Tokenizers: the built-in "nanopost" byte-level BPE (offline, shipped with the package), GPT-2's (tiktoken), and
+your own, trained on your corpus into a .bpe file.
 
-Both run on tiktoken's fast encoder; we only supply the merge ranks. The "nanopost" ranks are a small BPE
+All run on tiktoken's fast encoder; we only supply the merge ranks. The "nanopost" ranks are a small BPE
 (1024 tokens in all: 256 byte tokens, 765 merges, 3 specials) trained by train_bpe() on the pretraining
-corpus of the seed-0 world and shipped as tokenizer.bpe next to this file. To retrain and rewrite it:
+corpus of the seed-0 world and shipped as tokenizer.bpe next to this file.
 
-    python -m nanopost.tokenizer            # ~seconds; deterministic, so the file only changes if the world does
+    python -m nanopost.tokenizer                  # retrain the shipped file (deterministic: same world, same file)
+    python -m nanopost.tokenizer --data=corpus.txt --vocab_size=4096 --out=my.bpe   # your own
+    python train_sft.py --data=corpus.txt --tokenizer=my.bpe ...                     # a scratch model that uses it
+
+A trained file holds tiktoken's format (one "base64(token bytes) rank" line per token) after one header line
+naming its special tokens, which include <|system|>. A checkpoint stores the whole file, so later stages need no
+--tokenizer flag and the file may move.
 
 Chat format: <|user|>{prompt}<|assistant|>{response}<|endoftext|>; pretraining documents end with <|endoftext|>.
 Special-token strings that occur in text are always encoded as plain text (encode_ordinary): a prompt that
@@ -13,20 +20,25 @@ contains "<|endoftext|>" must not be able to end a response or forge a turn.
 """
 
 import base64
+import codecs
 import collections
+import dataclasses
 import functools
 import hashlib
+import heapq
 import os
 import socket
 import tempfile
+import time
 import urllib.parse
 
 import regex  # a tiktoken dependency; stdlib re has no \p{L} / \p{N} classes
 import tiktoken
 
-from nanopost.common import UserError, entry
+from nanopost.common import UserError, entry, knob, parse_config, validate
 
-SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]  # the shipped tokenizer's
+TRAINED_SPECIALS = SPECIALS + ["<|system|>"]  # a tokenizer trained on your corpus also marks a system turn
 # 1024 = 256 bytes + 765 merges + 3 specials. The world's corpus has only ~850 possible merges (a few hundred
 # distinct words; digits are never merged), so a 2048 vocabulary would leave ~1000 rows of the embedding and of
 # the output layer that no training token ever uses. 1024 keeps every merge frequent and the output layer small.
@@ -51,14 +63,17 @@ PAT_STR = "|".join([
 # -----------------------------------------------------------------------------
 # BPE training (pure Python; the corpus has only a few thousand distinct pre-tokens, so this takes seconds)
 
-def train_bpe(texts, vocab_size=VOCAB_SIZE, n_special=len(SPECIALS)):
+def train_bpe(texts, vocab_size=VOCAB_SIZE, n_special=len(SPECIALS), progress=None):
     """
     Byte-level BPE (Sennrich et al. 2016, byte-level as in GPT-2) over the counts of distinct pre-tokens.
     Returns mergeable_ranks: bytes -> rank, ranks 0..255 the single bytes, then one token per merge in merge order.
     Deterministic: ties between equally frequent pairs go to the smallest (left id, right id).
+    The most frequent pair comes from a heap of (-count, pair) entries; an entry whose count is out of date is
+    skipped when it surfaces (lazy deletion), so a merge costs what it changes, not a scan of every pair.
     """
     n_merges = vocab_size - 256 - n_special
-    assert n_merges >= 0, f"vocab_size {vocab_size} is smaller than 256 bytes + {n_special} specials"
+    if n_merges < 0:
+        raise UserError(f"--vocab_size={vocab_size}: must be at least 256 bytes + {n_special} specials")
     pat = regex.compile(PAT_STR)
     counts = collections.Counter()
     for text in texts:
@@ -73,17 +88,21 @@ def train_bpe(texts, vocab_size=VOCAB_SIZE, n_special=len(SPECIALS)):
         for pair in zip(w, w[1:]):
             pair_counts[pair] += f
             where[pair].add(i)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
 
-    for _ in range(n_merges):
-        if not pair_counts:
-            break  # every pre-token is already a single token
-        best = max(pair_counts.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))[0]
+    while len(token_bytes) < 256 + n_merges and heap:
+        neg, best = heapq.heappop(heap)
+        if pair_counts.get(best, 0) != -neg:
+            continue  # stale: the count changed after this entry was pushed (its fresh entry is in the heap)
         new_id = len(token_bytes)
         token_bytes.append(token_bytes[best[0]] + token_bytes[best[1]])
+        changed = set()
         for i in sorted(where.pop(best)):
             w, f = words[i], freqs[i]
             for pair in zip(w, w[1:]):  # remove this word's old pairs ...
                 pair_counts[pair] -= f
+                changed.add(pair)
                 if pair_counts[pair] == 0:
                     del pair_counts[pair]
             merged, j = [], 0
@@ -98,7 +117,13 @@ def train_bpe(texts, vocab_size=VOCAB_SIZE, n_special=len(SPECIALS)):
             for pair in zip(merged, merged[1:]):  # ... and add its new ones
                 pair_counts[pair] += f
                 where[pair].add(i)
+                changed.add(pair)
         pair_counts.pop(best, None)
+        for pair in changed:
+            if pair_counts.get(pair, 0) > 0:
+                heapq.heappush(heap, (-pair_counts[pair], pair))
+        if progress and (new_id - 255) % 500 == 0:
+            progress(new_id - 255, n_merges)
     return {b: rank for rank, b in enumerate(token_bytes)}
 
 
@@ -109,47 +134,81 @@ def training_corpus(seed=0):
     return [doc_text(d) for s in w.skills for d in w.pretrain[s]]
 
 
-def save_bpe(path, mergeable_ranks):
-    # tiktoken's own file format: one "base64(token bytes) rank" per line, so the file is diffable and readable
-    # by tiktoken.load.load_tiktoken_bpe too
-    lines = [f"{base64.b64encode(b).decode('ascii')} {r}\n" for b, r in sorted(mergeable_ranks.items(),
-                                                                              key=lambda kv: kv[1])]
+def bpe_text(mergeable_ranks, specials=SPECIALS):
+    """The .bpe file: tiktoken's own format (one "base64(token bytes) rank" per line, diffable and readable by
+    tiktoken.load.load_tiktoken_bpe), after a "#specials" header when the specials are not the shipped three."""
+    header = "" if specials == SPECIALS else "#specials " + " ".join(specials) + "\n"
+    return header + "".join(f"{base64.b64encode(b).decode('ascii')} {r}\n"
+                            for b, r in sorted(mergeable_ranks.items(), key=lambda kv: kv[1]))
+
+
+def save_bpe(path, mergeable_ranks, specials=SPECIALS):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="ascii", newline="\n") as f:
-        f.writelines(lines)
+        f.write(bpe_text(mergeable_ranks, specials))
     os.replace(tmp, path)
 
 
-def load_bpe(path):
-    ranks = {}
-    with open(path, encoding="ascii") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if len(parts) != 2:
-                raise UserError(f"{path}:{lineno}: expected 'base64 rank', got {line.rstrip()!r}")
-            try:
-                ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
-            except ValueError as e:
-                raise UserError(f"{path}:{lineno}: {e}") from None
+def parse_bpe(text, path):
+    """-> (mergeable_ranks, specials) of a .bpe file's text; errors name path:LINE."""
+    ranks, specials = {}, SPECIALS
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if lineno == 1 and line.startswith("#specials "):
+            specials = line.split()[1:]
+            if specials[:3] != SPECIALS:
+                raise UserError(f"{path}:1: the specials must start with {' '.join(SPECIALS)}")
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise UserError(f"{path}:{lineno}: expected 'base64 rank', got {line.rstrip()!r}")
+        try:
+            ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+        except ValueError as e:
+            raise UserError(f"{path}:{lineno}: {e}") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise UserError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps or repeats")
-    return ranks
+    return ranks, specials
+
+
+def load_bpe(path):
+    """-> (mergeable_ranks, specials) of a .bpe file."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return parse_bpe(f.read(), path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read a tokenizer ({e})") from None
 
 
 # -----------------------------------------------------------------------------
 # the tokenizer object
 
 class Tokenizer:
-    """A tiktoken Encoding plus the chat conventions of nanopost (see the module docstring)."""
+    """A tiktoken Encoding plus the chat conventions of nanopost (see the module docstring).
+    `bpe` is the .bpe file's text for a trained tokenizer (what a checkpoint stores), None for a built-in one."""
 
-    def __init__(self, name, enc):
+    def __init__(self, name, enc, bpe=None):
         self.name = name
         self.enc = enc
+        self.bpe = bpe
         self.eot_id = enc.encode_single_token("<|endoftext|>")
         self.user_id = enc.encode_single_token("<|user|>")
         self.assistant_id = enc.encode_single_token("<|assistant|>")
+        self.system_id = enc._special_tokens.get("<|system|>")  # None: this tokenizer has no system turn
         self.vocab_size = enc.n_vocab
-        self.special_ids = {self.eot_id, self.user_id, self.assistant_id}
+        self.special_ids = set(enc._special_tokens.values())
+
+    @functools.cached_property
+    def fingerprint(self):
+        """A hash of the merge ranks and the specials: what token ids mean (a token cache is valid for it)."""
+        h = hashlib.sha256()
+        for b, r in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(len(b).to_bytes(2, "little") + b)
+        h.update(repr(sorted(self.enc._special_tokens.items())).encode())
+        return h.hexdigest()[:16]
+
+    def checkpoint_entries(self):
+        """What a checkpoint records to rebuild this tokenizer (see from_checkpoint)."""
+        return dict(tokenizer=self.name) if self.bpe is None else dict(tokenizer=self.name, tokenizer_bpe=self.bpe)
 
     def encode(self, text):
         # encode_ordinary: special-token strings in text are plain text, never specials (see module docstring)
@@ -157,6 +216,11 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
+
+    def decode_text(self, ids):
+        """Text of ids that may end inside a multi-byte character (a length limit cut it): the incomplete tail is
+        left out, never shown as U+FFFD."""
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(self.enc.decode_bytes(list(ids)))
 
     def encode_prompt(self, prompt):
         return [self.user_id] + self.encode(prompt) + [self.assistant_id]
@@ -173,12 +237,9 @@ class Tokenizer:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
 
-def _nanopost_encoding(path=BPE_PATH):
-    if not os.path.exists(path):
-        raise RuntimeError(f"missing {path}; regenerate it with `python -m nanopost.tokenizer`")
-    ranks = load_bpe(path)
-    specials = {s: len(ranks) + i for i, s in enumerate(SPECIALS)}
-    return tiktoken.Encoding("nanopost", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
+def _bpe_encoding(name, ranks, specials):
+    return tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={s: len(ranks) + i for i, s in enumerate(specials)})
 
 
 # the two files tiktoken.get_encoding("gpt2") downloads once and then reads from its cache (tiktoken_ext.openai_public)
@@ -226,34 +287,61 @@ def _gpt2_encoding():
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name="nanopost"):
-    """"nanopost": the shipped offline BPE (vocab 2048). "gpt2": GPT-2's BPE + our two chat specials (50259)."""
+    """"nanopost": the shipped offline BPE (1024 tokens). "gpt2": GPT-2's BPE + our two chat specials (50259).
+    A path to a .bpe file: a tokenizer trained with `python -m nanopost.tokenizer --data=...`."""
     if name == "nanopost":
-        return Tokenizer("nanopost", _nanopost_encoding())
+        return Tokenizer("nanopost", _bpe_encoding("nanopost", *load_bpe(BPE_PATH)))
     if name == "gpt2":
         return Tokenizer("gpt2", _gpt2_encoding())
-    raise UserError(f"unknown tokenizer {name!r}; choose 'nanopost' (built-in, offline) or 'gpt2'")
+    if name.endswith(".bpe"):
+        if not os.path.isfile(name):
+            raise UserError(f"--tokenizer={name}: file not found")
+        with open(name, encoding="ascii") as f:
+            return from_bpe_text(os.path.basename(name), f.read(), name)
+    raise UserError(f"unknown tokenizer {name!r}; choose 'nanopost' (built-in, offline), 'gpt2' or a .bpe file")
+
+
+def from_bpe_text(name, text, path):
+    return Tokenizer(name, _bpe_encoding(name, *parse_bpe(text, path)), bpe=text)
+
+
+def from_checkpoint(ckpt, path="checkpoint"):
+    """The tokenizer a checkpoint was trained with (a trained one travels inside the checkpoint)."""
+    if ckpt.get("tokenizer_bpe"):
+        return from_bpe_text(ckpt["tokenizer"], ckpt["tokenizer_bpe"], f"{path} (tokenizer_bpe)")
+    return get_tokenizer(ckpt.get("tokenizer", "nanopost"))
+
+
+@dataclasses.dataclass
+class Config:
+    data: str = knob("", "corpus to train on: .txt, or .jsonl of {\"text\": ...}; '' = the built-in world's corpus")
+    vocab_size: int = knob(VOCAB_SIZE, "tokens in all: 256 bytes + merges + specials", ge=256 + len(TRAINED_SPECIALS))
+    out: str = knob("", "the .bpe file to write; '' = the shipped tokenizer.bpe (only without --data)")
 
 
 def main(argv):
-    import time
-    out = BPE_PATH
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if key == "--out" and eq:
-            out = value
-        else:
-            raise UserError(f"unknown argument {arg!r} (usage: python -m nanopost.tokenizer [--out=PATH])")
+    cfg, _ = parse_config(Config, argv)
+    validate(cfg)
+    if cfg.data and not cfg.out:
+        raise UserError("--out=PATH.bpe is required with --data (the shipped tokenizer.bpe is the built-in world's)")
+    if cfg.out and not cfg.out.endswith(".bpe"):
+        raise UserError(f"--out={cfg.out}: a tokenizer file ends in .bpe (that is how --tokenizer recognises one)")
     t0 = time.time()
-    texts = training_corpus(seed=0)
-    ranks = train_bpe(texts)
-    assert len(ranks) + len(SPECIALS) == VOCAB_SIZE, f"corpus ran out of merges at {len(ranks)} ranks"
-    save_bpe(out, ranks)
-    enc = tiktoken.Encoding("check", pat_str=PAT_STR, mergeable_ranks=ranks,
-                            special_tokens={s: len(ranks) + i for i, s in enumerate(SPECIALS)})
-    n_tokens = sum(len(t) for t in enc.encode_ordinary_batch(texts))
+    if cfg.data:
+        from nanopost.data import corpus_texts  # lazy: data needs common, which the built-in path does not
+        texts, specials = [text for text, _ in corpus_texts(cfg.data)], TRAINED_SPECIALS
+    else:
+        texts, specials = training_corpus(seed=0), SPECIALS
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    print(f"wrote {out} | {len(ranks)} ranks + {len(SPECIALS)} specials = {enc.n_vocab} | "
-          f"{n_tokens} tokens on {n_bytes} bytes ({n_bytes / n_tokens:.2f} bytes/token) | {time.time() - t0:.1f}s")
+    print(f"training a {cfg.vocab_size}-token BPE on {n_bytes / 1e6:.2f} MB")
+    ranks = train_bpe(texts, cfg.vocab_size, len(specials),
+                      progress=lambda done, total: print(f"  {done}/{total} merges | {time.time() - t0:.0f}s"))
+    out = cfg.out or BPE_PATH
+    save_bpe(out, ranks, specials)
+    enc = _bpe_encoding("check", ranks, specials)
+    n_tokens = sum(len(t) for t in enc.encode_ordinary_batch(texts))
+    print(f"wrote {out} | {len(ranks)} ranks + {len(specials)} specials = {enc.n_vocab} | "
+          f"{n_tokens:,} tokens on {n_bytes:,} bytes ({n_bytes / n_tokens:.2f} bytes/token) | {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

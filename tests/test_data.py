@@ -2,10 +2,12 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
 import kernels
+from nanopost import data
 from nanopost.common import UserError
 from nanopost.data import (IGNORE, collate, load_docs_jsonl, load_ppo_jsonl, load_prompts, load_sft_jsonl, sft_example,
                            windows)
@@ -192,7 +194,70 @@ def test_long_examples_truncate_the_response_or_drop(tok):
 
 
 def test_windows_targets_are_inputs_shifted_by_one():
-    stream = torch.arange(100, 120)
-    X, Y = windows(stream, [0, 7, 16], block_size=3)  # 16: the last start whose target window fits
+    stream = np.arange(100, 120, dtype=np.uint16)  # a token memmap's dtype
+    X, Y = windows(stream, [0, 7, 16], block_size=3)
+    assert X.dtype == Y.dtype == torch.long  # 16: the last start whose target window fits
     assert X.tolist() == [[100, 101, 102], [107, 108, 109], [116, 117, 118]]
     assert Y.tolist() == [[101, 102, 103], [108, 109, 110], [117, 118, 119]]
+
+
+# -----------------------------------------------------------------------------
+# your corpus: .txt or .jsonl of {"text": ...}, tokenized once into a cached memmap
+
+HOSTILE = ("First line.\n\nSecond  paragraph, with   spaces.\n   indented line\n" + "x" * 300 + "\n"
+           "naïve café ☕ 12+34=46\r\n\tTabbed.\n") * 40
+
+
+def test_corpus_blocks_tokenize_exactly_as_the_whole_file(tmp_path, tok, monkeypatch):
+    path = _write(tmp_path, HOSTILE, "c.txt")
+    for block in (7, 50, 333, 10_000):  # a block shorter than a line, and one longer than the file
+        monkeypatch.setattr(data, "CORPUS_BLOCK", block)
+        pieces = list(data.corpus_texts(path))
+        assert "".join(t for t, _ in pieces) == HOSTILE
+        assert [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
+        assert [i for t, _ in pieces for i in tok.encode(t)] == tok.encode(HOSTILE)
+
+
+def test_corpus_is_tokenized_once_and_cached_while_nothing_changes(tmp_path, tok, monkeypatch):
+    path = _write(tmp_path, HOSTILE, "c.txt")
+    tokens, digest = data.load_corpus(path, tok, str(tmp_path / "fallback"))
+    assert tokens.dtype == np.uint16 and tokens.tolist() == tok.encode(HOSTILE) + [tok.eot_id]
+    cached = [n for n in os.listdir(tmp_path) if n.startswith("c.txt.") and n.endswith(".tokens")]
+    assert cached == [f"c.txt.{tok.fingerprint}.tokens"]
+    # unchanged: read back from the cache, never re-encoded
+    monkeypatch.setattr(type(tok), "encode", lambda self, text: pytest.fail("re-tokenized an unchanged corpus"))
+    again, digest2 = data.load_corpus(path, tok, str(tmp_path / "fallback"))
+    assert digest2 == digest and np.array_equal(again, tokens)
+    monkeypatch.undo()
+    # the file changes: tokenized again
+    with open(path, "a") as f:
+        f.write("A new line.\n")
+    changed, digest3 = data.load_corpus(path, tok, str(tmp_path / "fallback"))
+    assert digest3 != digest and changed.tolist() == tok.encode(HOSTILE + "A new line.\n") + [tok.eot_id]
+
+
+def test_corpus_cache_of_another_tokenizer_and_a_read_only_folder(tmp_path, tok, monkeypatch):
+    from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text, train_bpe
+    mine = from_bpe_text("mine.bpe", bpe_text(train_bpe([HOSTILE], 300, 4), TRAINED_SPECIALS), "mine.bpe")
+    folder = tmp_path / "shared"  # read-only for the run, as ../shared/data is in CI (root could write anyway)
+    folder.mkdir()
+    path = _write(folder, HOSTILE, "c.txt")
+    monkeypatch.setattr(os, "access", lambda p, mode: os.path.abspath(p) != str(folder))
+    a, _ = data.load_corpus(path, tok, str(tmp_path / "fallback"))
+    b, _ = data.load_corpus(path, mine, str(tmp_path / "fallback"))
+    assert os.listdir(folder) == ["c.txt"]
+    assert sorted(os.listdir(tmp_path / "fallback")) == sorted(
+        f"c.txt.{t.fingerprint}.tokens{ext}" for t in (tok, mine) for ext in ("", ".json"))
+    assert b.tolist() == mine.encode(HOSTILE) + [mine.eot_id] and len(b) < len(a)
+
+
+def test_jsonl_corpus_ends_every_document(tmp_path, tok):
+    path = _write(tmp_path, "".join(json.dumps(dict(text=t, source="x")) + "\n" for t in ("one doc", "two docs")))
+    assert data.is_corpus(path)
+    tokens, _ = data.load_corpus(path, tok, str(tmp_path))
+    assert tokens.tolist() == tok.encode("one doc") + [tok.eot_id] + tok.encode("two docs") + [tok.eot_id]
+    bad = _write(tmp_path, '{"text": "fine"}\n{"text": 3}\n', "bad.jsonl")
+    with pytest.raises(UserError, match=r"bad.jsonl:2: expected an object with a \"text\" string"):
+        data.load_corpus(bad, tok, str(tmp_path))
+    assert not data.is_corpus(_write(tmp_path, '{"prompt": "p", "completion": "c"}\n', "sft.jsonl"))
+    assert data.is_corpus("anything.txt")

@@ -5,6 +5,7 @@ import pytest
 import tiktoken
 
 from nanopost import tokenizer as tk
+from nanopost.common import UserError
 from nanopost.tokenizer import SPECIALS, get_tokenizer, load_bpe, train_bpe
 
 
@@ -185,7 +186,8 @@ def test_trainer_deterministic_and_valid():
 
 def test_shipped_file_matches_retraining():
     # the shipped ranks must be exactly what `python -m nanopost.tokenizer` produces (~2 s)
-    shipped = load_bpe(tk.BPE_PATH)
+    shipped, specials = load_bpe(tk.BPE_PATH)
+    assert specials == SPECIALS
     assert shipped == train_bpe(tk.training_corpus(seed=0))
 
 
@@ -197,3 +199,60 @@ def test_load_bpe_errors(tmp_path):
     p.write_text("AA== 0\nAQ== 2\n")
     with pytest.raises(ValueError, match="gaps"):
         load_bpe(str(p))
+
+
+# -----------------------------------------------------------------------------
+# your own tokenizer: python -m nanopost.tokenizer --data=... --out=my.bpe
+
+SONNET = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
+          "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date;\n") * 20
+
+
+def test_trained_tokenizer_round_trips_through_file_and_checkpoint(tmp_path, capsys):
+    corpus = tmp_path / "sonnet.txt"
+    corpus.write_text(SONNET)
+    out = tmp_path / "my.bpe"
+    tk.main([f"--data={corpus}", "--vocab_size=330", f"--out={out}"])
+    assert "wrote" in capsys.readouterr().out
+    text = out.read_text()
+    assert text.splitlines()[0] == "#specials <|endoftext|> <|user|> <|assistant|> <|system|>"
+    ranks, specials = load_bpe(str(out))
+    assert specials == tk.TRAINED_SPECIALS and len(ranks) == 330 - 4
+    mine = get_tokenizer(str(out))
+    assert mine.vocab_size == 330 and mine.bpe == text
+    assert (mine.eot_id, mine.user_id, mine.assistant_id, mine.system_id) == (326, 327, 328, 329)
+    assert get_tokenizer("nanopost").system_id is None  # the shipped tokenizer keeps its three specials
+    assert mine.decode(mine.encode(SONNET)) == SONNET
+    assert len(mine.encode(SONNET)) < 0.75 * len(get_tokenizer("nanopost").encode(SONNET))  # merges of this corpus
+    # a checkpoint carries the file: later stages rebuild the same tokenizer without it
+    entries = mine.checkpoint_entries()
+    out.unlink()
+    again = tk.from_checkpoint(entries)
+    assert again.fingerprint == mine.fingerprint and again.encode(SONNET) == mine.encode(SONNET)
+    assert tk.from_checkpoint(get_tokenizer("nanopost").checkpoint_entries()) is get_tokenizer("nanopost")
+    assert mine.fingerprint != get_tokenizer("nanopost").fingerprint
+
+
+def test_tokenizer_cli_errors(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SONNET)
+    with pytest.raises(UserError, match="--out=PATH.bpe is required with --data"):
+        tk.main([f"--data={corpus}"])
+    with pytest.raises(UserError, match=r"--out=x.txt: a tokenizer file ends in .bpe"):
+        tk.main([f"--data={corpus}", "--out=x.txt"])
+    with pytest.raises(UserError, match=r"--vocab_size=100: must be >= 260"):
+        tk.main([f"--data={corpus}", "--vocab_size=100", f"--out={tmp_path / 'a.bpe'}"])
+    with pytest.raises(UserError, match=r"--tokenizer=.*nope.bpe: file not found"):
+        get_tokenizer(str(tmp_path / "nope.bpe"))
+    bad = tmp_path / "bad.bpe"
+    bad.write_text("#specials <|user|> <|assistant|>\nAA== 0\n")
+    with pytest.raises(UserError, match=r"bad.bpe:1: the specials must start with <\|endoftext\|>"):
+        load_bpe(str(bad))
+
+
+def test_decode_text_leaves_out_a_character_cut_by_the_length_limit(tok):
+    ids = tok.encode("naïve café ☕")
+    assert tok.decode_text(ids) == "naïve café ☕"
+    for n in range(len(ids)):  # every prefix: at most the cut character is missing, never a U+FFFD
+        text = tok.decode_text(ids[:n])
+        assert "\ufffd" not in text and "naïve café ☕".startswith(text)

@@ -206,3 +206,41 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(base, half, sft_main, copy_ru
     with pytest.raises(Diverged, match=r"^non-finite loss=(nan|inf).* at step 12; .*ckpt.pt keeps the last good"):
         sft_main([*resume_args(base[0]), f"--out_dir={out}", "--max_iters=14", "--learning_rate=1e30"])
     assert snapshot(out)["ckpt.pt"] == ckpt
+
+
+# -----------------------------------------------------------------------------
+# your corpus, your tokenizer
+
+def test_pretrain_on_your_corpus_with_your_tokenizer(sft_main, ppo_main, read_log, snapshot, tmp_path, capsys):
+    from nanopost import tokenizer as tk
+    corpus = tmp_path / "sonnet.txt"
+    corpus.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n" * 30)
+    bpe = tmp_path / "my.bpe"
+    tk.main([f"--data={corpus}", "--vocab_size=300", f"--out={bpe}"])
+    out = tmp_path / "base"
+    knobs = [f"--data={corpus}", f"--tokenizer={bpe}", "--max_iters=4", "--eval_interval=2"]
+    capsys.readouterr()
+    sft_main(knobs + [f"--out_dir={out}"])
+    printed = capsys.readouterr().out
+    assert "tokenized" in printed and "sample 4: " in printed
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["vocab_size"] == 300 and ckpt["tokenizer_bpe"] == bpe.read_text()
+    assert ckpt["stage"] == "pretrain" and len(ckpt["data_hash"]) == 64
+    evals = read_log(out, "eval")
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all("sample" in r and "heldout" not in r and "task" not in r for r in evals), "built-in metrics"
+    # a second run reuses the cached tokens
+    sft_main(knobs + [f"--out_dir={tmp_path / 'again'}"])
+    assert "tokenized" not in capsys.readouterr().out
+    # the corpus changes: a resume refuses it, and nothing in out_dir is written
+    with open(corpus, "a") as f:
+        f.write("Rough winds do shake the darling buds of May,\n")
+    before = snapshot(out)
+    with pytest.raises(UserError, match="is not the data it started with"):
+        sft_main(["--init_from=resume", f"--out_dir={out}", "--max_iters=6"])
+    assert snapshot(out) == before
+    # the checkpoint carries the tokenizer: PPO from it needs neither the flag nor the file
+    bpe.unlink()
+    # (the built-in prompts take 30 of the 32 positions in this tokenizer, trained on a sonnet)
+    ppo_main([f"--init_from={out / 'ckpt.pt'}", f"--out_dir={tmp_path / 'ppo'}", "--max_iters=1", "--max_new_tokens=2"])
+    assert torch.load(tmp_path / "ppo" / "ckpt.pt", weights_only=True)["tokenizer_bpe"] == ckpt["tokenizer_bpe"]
