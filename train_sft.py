@@ -6,8 +6,9 @@ Both stages minimize next-token cross-entropy; they differ only in which tokens 
                     random block_size windows), from scratch -> a base model
   --data=sft        only the response tokens of the built-in demonstrations (world.sft_train); prompt
                     tokens and padding get target IGNORE, as in InstructGPT's SFT stage
-  --data=FILE.jsonl the same with your own {"prompt","completion"} or {"messages": [...]} lines
-                    (nanopost.data.load_sft_jsonl; the last 10% of the file is held out for the val loss)
+  --data=FILE.jsonl the same on your conversations: {"messages": [...]} (system and multi-turn), {"prompt",
+                    "completion"}, or ShareGPT's .json array (nanopost.data.load_conversations); the last 10% is
+                    held out for the val loss
   --data=FILE.txt   every token of your corpus (or a .jsonl of {"text": ...} documents), tokenized once into a
                     cached memmap (nanopost.data.load_corpus); its last 10% is held out for the val loss.
                     --tokenizer=my.bpe (from `python -m nanopost.tokenizer --data=...`) for a scratch model.
@@ -33,8 +34,9 @@ Deliberate choices and deviations:
   the sum over all its loss tokens (every rank, every micro-step) divided by their total count, and the
   gradients are summed by hand, so N processes compute the same update as 1 process with the same batch
   (up to float summation order). Sequences with more response tokens weigh more (a per-token mean).
-- An example longer than the context keeps its whole prompt and a truncated response (losing its
-  <|endoftext|>); an example whose prompt alone fills the context is dropped. Both are counted and printed.
+- SFT data are conversations: the loss is on every assistant turn (and the <|endoftext|> ending it), nothing
+  else. One longer than the context drops its oldest exchanges (the system turn stays); one whose last exchange
+  alone does not fit is dropped. Both are counted and printed.
 - sft_kl_coef > 0 adds coef * KL(policy || initial model) per loss token (kernels.token_kl), a cheap anchor
   against forgetting; the frozen copy is stored in the checkpoint so a resumed run anchors to the same model.
 - bf16 autocast and torch.compile are used on CUDA only; on CPU the loop is plain float32 eager torch.
@@ -59,7 +61,8 @@ from nanopost.common import (RunLog, UserError, all_reduce_sum, assert_in_sync, 
                              check_model_finite, entry, format_eta, get_rng_state, knob, load_checkpoint, load_weights,
                              lock_out_dir, parse_config, print0, resume_config, save_checkpoint, set_rng_state,
                              setup_runtime, sync_grads, teardown, validate)
-from nanopost.data import IGNORE, collate, is_corpus, load_corpus, load_prompts, load_sft_jsonl, sft_example, windows
+from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_prompts, sft_example,
+                           windows)
 from nanopost.evaluate import heldout_losses, spread, task_eval
 from nanopost.model import GPTConfig
 from nanopost.tokenizer import from_checkpoint, get_tokenizer
@@ -237,20 +240,21 @@ def main(argv):
         print0(f"data: train stream {len(stream):,} tokens | held-out {len(val_stream):,} tokens")
     else:
         if cfg.data == "sft":
-            train_raw, val_raw = world.sft_train, world.sft_val
+            train_raw, val_raw = ([[("user", ex["prompt"]), ("assistant", ex["completion"])] for ex in split]
+                                  for split in (world.sft_train, world.sft_val))
         else:
-            raw = load_sft_jsonl(cfg.data)  # UserError("path:LINE: ...") on a bad line
+            raw = load_conversations(cfg.data)  # UserError("path:LINE: ...") on a bad record
             with open(cfg.data, "rb") as f:
                 data_hash = hashlib.sha256(f.read()).hexdigest()
             # hold out the last 10% as validation; a tiny file validates on its training examples
             n_val = len(raw) // 10
             train_raw, val_raw = (raw[:-n_val], raw[-n_val:]) if n_val > 0 else (raw, raw)
         for split, raw in (("train", train_raw), ("val", val_raw)):
-            made = [sft_example(tok, ex["prompt"], ex["completion"], block_size) for ex in raw]
+            made = [sft_example(tok, turns, block_size) for turns in raw]
             kept = [(x, y) for x, y, _ in (m for m in made if m is not None)]
-            n_trunc = sum(1 for m in made if m is not None and m[2])
-            print0(f"data: sft {split} {len(kept)} examples | {n_trunc} responses truncated to block_size={block_size}"
-                   f" | {len(made) - len(kept)} dropped (prompt alone fills the context)")
+            n_short = sum(1 for m in made if m is not None and m[2])
+            print0(f"data: sft {split} {len(kept)} conversations | {n_short} lost their oldest turns to fit "
+                   f"block_size={block_size} | {len(made) - len(kept)} dropped (the last exchange alone does not fit)")
             if not kept:
                 raise UserError(f"{cfg.data}: no {split} example fits in block_size={block_size}")
             if split == "train":

@@ -1,21 +1,25 @@
 """
-User data from JSONL (one JSON object per line, UTF-8), and the batches both training scripts and the evaluation
-build from tokens (`sft_example`, `collate`, `windows`, one `IGNORE`).
+User data, and the batches both training scripts and the evaluation build from tokens (`sft_example`, `collate`,
+`windows`, one `IGNORE`).
 
-  SFT   {"prompt": str, "completion": str}
-        or {"messages": [{"role": "user", "content": str}, {"role": "assistant", "content": str}]}
-  PPO   {"prompt": str}
+  SFT     conversations (load_conversations): .jsonl or a .json array of {"messages": [...]} with an optional
+          system turn and any number of user/assistant turns, {"prompt", "completion"} (strings or message lists),
+          or ShareGPT {"conversations": [{"from", "value"}, ...]}
+  PPO     {"prompt": str}
+  corpus  plain text, or .jsonl of {"text": str} (load_corpus)
   pretraining docs (what nanopost.world.write_world writes): {"skill": str, "text": str}
         or {"skill": str, "prompt": str, "completion": str}
 
 Strict on purpose: a training set that silently loses or misreads lines is worse than one that fails.
 Every problem is a UserError "path:LINE: what is wrong". In particular
   - a blank (or whitespace-only) line is an error, not skipped: it usually means a broken concatenation;
-  - unknown keys are an error ({"prompt", "response"} is a typo of "completion", not extra metadata);
-  - prompts and completions must be non-empty strings;
+  - a record must have the keys of one shape ({"prompt", "response"} is a typo of "completion": an error); other
+    keys (metadata: id, source, ...) are ignored, with one warning for the whole file;
+  - prompts, completions and every message's content must be non-empty strings;
   - a file with no records is an error.
 """
 
+import collections
 import hashlib
 import json
 import os
@@ -79,38 +83,106 @@ def _text(path, lineno, value, what):
     return value
 
 
-def _from_messages(path, lineno, messages):
-    # exactly one user turn then one assistant turn: that is all the chat format
-    # <|user|>{prompt}<|assistant|>{response}<|endoftext|> can express (no system turn, no multi-turn history)
-    if not isinstance(messages, list):
-        raise UserError(f"{path}:{lineno}: messages must be a list, got {type(messages).__name__}")
-    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-    if roles != ["user", "assistant"]:
-        raise UserError(f"{path}:{lineno}: messages must be exactly [user, assistant] (one turn each, no system "
-                         f"message: the chat format has one prompt and one response), got roles {roles}")
+def _array_records(path):
+    """Yield (line, dict) for each element of a file holding one JSON array of objects (ShareGPT's .json)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    decoder, i = json.JSONDecoder(), len(text) - len(text.lstrip())
+    if text[i:i + 1] != "[":
+        raise UserError(f"{path}: expected one JSON array of objects (a .json file); JSON lines go in a .jsonl")
+    i += 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if text[i:i + 1] == "]" or i >= len(text):
+            return
+        lineno = text.count("\n", 0, i) + 1
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _messages(path, lineno, value, what, ignored, role_key="role", content_key="content"):
+    """A list of message objects -> [(role, content)]; keys other than role and content are counted in `ignored`."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{path}:{lineno}: {what} must be a non-empty list of messages, got {value!r:.60}")
     out = []
-    for i, m in enumerate(messages):
-        unknown = sorted(set(m) - {"role", "content"})
-        if unknown or "content" not in m:
-            raise UserError(f"{path}:{lineno}: messages[{i}] must have exactly the keys 'role' and 'content', "
-                             f"got {sorted(m)}")
-        out.append(_text(path, lineno, m["content"], f"messages[{i}].content"))
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            raise UserError(f"{path}:{lineno}: {what}[{i}] must be an object with {role_key!r} and {content_key!r}")
+        role = SHAREGPT_ROLES.get(m[role_key]) if role_key == "from" else m[role_key]
+        if role not in ("system", "user", "assistant"):
+            raise UserError(f"{path}:{lineno}: {what}[{i}].{role_key} is {m[role_key]!r}; expected "
+                            f"{'system, human or gpt' if role_key == 'from' else 'system, user or assistant'}")
+        out.append((role, _text(path, lineno, m[content_key], f"{what}[{i}].{content_key}")))
+        ignored.update(f"{what}[].{k}" for k in set(m) - {role_key, content_key})
     return out
 
 
-def load_sft_jsonl(path):
-    """SFT examples -> list of dict(prompt=str, completion=str). See the module docstring for the format."""
-    examples = []
-    for lineno, obj in _records(path):
-        if "messages" in obj:
-            _check_keys(path, lineno, obj, ["messages"])
-            prompt, completion = _from_messages(path, lineno, obj["messages"])
-        else:
-            _check_keys(path, lineno, obj, ["prompt", "completion"])
-            prompt = _text(path, lineno, obj["prompt"], "prompt")
-            completion = _text(path, lineno, obj["completion"], "completion")
-        examples.append(dict(prompt=prompt, completion=completion))
-    return examples
+def _check_turns(path, lineno, turns, last):
+    """An optional leading system turn, then user and assistant turns alternating, the last one `last`."""
+    roles = [r for r, _ in turns]
+    body = roles[1:] if roles[0] == "system" else roles
+    if not body or body[-1] != last or "system" in body or any(a == b for a, b in zip(body, body[1:])):
+        raise UserError(f"{path}:{lineno}: turns must be an optional system turn, then user and assistant turns "
+                        f"alternating, ending with {last}; got {roles}")
+    return turns
+
+
+def _conversation(path, lineno, obj, ignored, last="assistant"):
+    """One record in any of the supported shapes -> [(role, content), ...]."""
+    if "messages" in obj:
+        keys, turns = {"messages"}, _messages(path, lineno, obj["messages"], "messages", ignored)
+    elif "conversations" in obj:  # ShareGPT
+        keys = {"conversations"}
+        turns = _messages(path, lineno, obj["conversations"], "conversations", ignored, "from", "value")
+    elif "prompt" in obj and ("completion" in obj or last == "user"):
+        keys, turns = {"prompt", "completion"}, []
+        for key, role in (("prompt", "user"), ("completion", "assistant")):
+            if key not in obj:
+                continue
+            value = obj[key]
+            turns += ([(role, _text(path, lineno, value, key))] if not isinstance(value, list)
+                      else _messages(path, lineno, value, key, ignored))
+    else:
+        want = '"prompt"' if last == "user" else '"prompt" and "completion"'
+        raise UserError(f"{path}:{lineno}: expected {want}, \"messages\" or \"conversations\"; got keys "
+                        f"{sorted(obj)}")
+    ignored.update(set(obj) - keys)
+    return _check_turns(path, lineno, turns, last)
+
+
+def _warn_ignored(path, ignored):
+    if ignored:
+        print(f"WARNING: {path}: ignored key(s) " + ", ".join(f"{k} ({n} records)" for k, n in sorted(ignored.items())),
+              flush=True)
+
+
+def load_conversations(path, last="assistant"):
+    """Conversations from a .jsonl (one record per line) or a .json array -> [[(role, content), ...], ...].
+
+    A record is {"messages": [{"role", "content"}, ...]} (an optional leading system turn, then user and
+    assistant turns), {"prompt", "completion"} as strings or message lists (TRL's prompt-completion formats), or
+    ShareGPT's {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}. For SFT the last turn is the
+    assistant's; PPO prompts (last="user") end with the user's. Keys nanopost does not use (id, source, ...) are
+    ignored with one warning for the whole file."""
+    records = _array_records(path) if path.endswith(".json") else _records(path)
+    ignored = collections.Counter()
+    conversations = [_conversation(path, lineno, obj, ignored, last) for lineno, obj in records]
+    if not conversations:
+        raise UserError(f"{path}: no records")
+    _warn_ignored(path, ignored)
+    return conversations
 
 
 def load_ppo_jsonl(path, tok, max_prompt_tokens):
@@ -159,23 +231,44 @@ def load_docs_jsonl(path):
 # -----------------------------------------------------------------------------
 # batches: SFT examples, pretraining windows, and the padding both use
 
-def sft_example(tok, prompt, completion, block_size):
-    """Tokens of one chat example as (x, y, truncated), or None when the prompt alone fills the context.
+def encode_turns(tok, turns):
+    """Token ids of a conversation and, per id, whether SFT learns it: every assistant turn's tokens and the
+    <|endoftext|> that ends it (TRL's assistant-only loss); never the system or user turns or the role tokens.
+        [<|system|> s] <|user|> u1 <|assistant|> a1 <|endoftext|> <|user|> u2 <|assistant|> a2 <|endoftext|> ..."""
+    ids, learn = [], []
+    for role, content in turns:
+        if role == "assistant":
+            part = [tok.assistant_id] + tok.encode(content) + [tok.eot_id]
+            ids += part
+            learn += [False] + [True] * (len(part) - 1)
+            continue
+        if role == "user":
+            part = [tok.user_id] + tok.encode(content)
+        elif tok.system_id is None:
+            raise UserError(f"tokenizer {tok.name!r} has no <|system|> token, so it cannot encode a system turn: "
+                            f"train one (python -m nanopost.tokenizer --data=... --out=my.bpe) or drop system turns")
+        else:
+            part = [tok.system_id] + tok.encode(content)
+        ids += part
+        learn += [False] * len(part)
+    return ids, learn
 
-    x = <|user|> prompt <|assistant|> response (without its last token), y = x shifted by one with every
-    position that predicts a prompt token set to IGNORE, so only the response (and its <|endoftext|>) is learned.
-    """
-    p = tok.encode_prompt(prompt)
-    r = tok.encode_response(completion)
-    if len(p) > block_size:
-        return None
-    keep = block_size + 1 - len(p)  # >= 1: x holds len(p) + len(r) - 1 tokens
-    truncated = len(r) > keep
-    r = r[:keep]
-    x = p + r[:-1]
-    y = [IGNORE] * (len(p) - 1) + r  # y[len(p)-1] is predicted from <|assistant|>: the first response token
-    assert len(x) == len(y) <= block_size, (len(x), len(y), block_size)
-    return x, y, truncated
+
+def sft_example(tok, turns, block_size):
+    """One conversation as (x, y, n_dropped_turns), or None when even its last exchange does not fit.
+
+    x = the tokens but the last, y = the tokens shifted by one with IGNORE wherever the token is not learned (see
+    encode_turns). A conversation longer than the context drops its oldest user/assistant exchanges first (the
+    system turn stays), so the last assistant turn is always learned whole, never cut."""
+    system = turns[:1] if turns[0][0] == "system" else []
+    body = turns[len(system):]
+    starts = [i for i in range(len(body)) if i == 0 or body[i - 1][0] == "assistant"]  # where an exchange begins
+    for n_dropped, start in enumerate(starts):  # drop the oldest exchange until the rest fits
+        ids, learn = encode_turns(tok, system + body[start:])
+        if len(ids) <= block_size + 1:
+            x, y = ids[:-1], [t if keep else IGNORE for t, keep in zip(ids[1:], learn[1:])]
+            return x, y, n_dropped
+    return None
 
 
 def collate(examples, pad_id):

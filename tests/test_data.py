@@ -9,8 +9,9 @@ import torch
 import kernels
 from nanopost import data
 from nanopost.common import UserError
-from nanopost.data import (IGNORE, collate, load_docs_jsonl, load_ppo_jsonl, load_prompts, load_sft_jsonl, sft_example,
-                           windows)
+from nanopost.data import (IGNORE, collate, encode_turns, load_conversations, load_docs_jsonl, load_ppo_jsonl,
+                           load_prompts, sft_example, windows)
+from nanopost.tokenizer import get_tokenizer
 from nanopost.world import write_world
 
 
@@ -24,19 +25,51 @@ def _lines(*objs):
     return "".join(json.dumps(o) + "\n" for o in objs)
 
 
-def test_sft_both_formats(tmp_path):
-    path = _write(tmp_path, _lines(
+def U(text):
+    return dict(role="user", content=text)
+
+
+def A(text):
+    return dict(role="assistant", content=text)
+
+
+def test_every_conversation_shape_reads_as_turns(tmp_path, capsys):
+    system = dict(role="system", content="Be brief.")
+    jsonl = _write(tmp_path, _lines(
         {"prompt": "What is 2+2?", "completion": "2+2=4"},
-        {"messages": [{"role": "user", "content": "Hi <|endoftext|>"}, {"role": "assistant", "content": "Hello"}]},
+        {"messages": [U("Hi <|endoftext|>"), A("Hello")]},
+        {"messages": [system, U("a"), A("b"), U("c"), dict(A("d"), weight=1)], "id": 7},  # system, 2 exchanges
+        {"messages": [system, A("I speak first.")]},
+        {"prompt": [system, U("p")], "completion": [A("c")], "source": "x"},  # TRL conversational
     ))
-    assert load_sft_jsonl(path) == [dict(prompt="What is 2+2?", completion="2+2=4"),
-                                    dict(prompt="Hi <|endoftext|>", completion="Hello")]
+    assert load_conversations(jsonl) == [
+        [("user", "What is 2+2?"), ("assistant", "2+2=4")],
+        [("user", "Hi <|endoftext|>"), ("assistant", "Hello")],
+        [("system", "Be brief."), ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")],
+        [("system", "Be brief."), ("assistant", "I speak first.")],
+        [("system", "Be brief."), ("user", "p"), ("assistant", "c")],
+    ]
+    warning = capsys.readouterr().out  # one line for the whole file, naming each ignored key and its count
+    assert warning == (f"WARNING: {jsonl}: ignored key(s) id (1 records), messages[].weight (1 records), "
+                       f"source (1 records)\n")
+    sharegpt = tmp_path / "chats.json"  # ShareGPT: one JSON array, ids on every record
+    sharegpt.write_text(json.dumps([
+        {"id": "a", "conversations": [{"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": "A model."}]},
+        {"id": "b", "conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
+                                      {"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Bye"},
+                                      {"from": "gpt", "value": "Bye!"}]},
+    ], indent=2))
+    assert load_conversations(str(sharegpt)) == [
+        [("user", "Who are you?"), ("assistant", "A model.")],
+        [("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "Bye!")],
+    ]
+    assert capsys.readouterr().out == f"WARNING: {sharegpt}: ignored key(s) id (2 records)\n"
 
 
 def test_tolerated_details(tmp_path):
     # no final newline, CRLF line ends, a UTF-8 byte-order mark, non-ASCII text
     path = _write(tmp_path, "\ufeff" + '{"prompt": "é?", "completion": "ü"}\r\n{"prompt": "a", "completion": "b"}')
-    assert load_sft_jsonl(path) == [dict(prompt="é?", completion="ü"), dict(prompt="a", completion="b")]
+    assert load_conversations(path) == [[("user", "é?"), ("assistant", "ü")], [("user", "a"), ("assistant", "b")]]
 
 
 def test_ppo(tmp_path, tok):
@@ -57,6 +90,8 @@ def test_ppo_prompt_too_long_names_its_line(tmp_path, tok):
 
 
 GOOD = '{"prompt": "p", "completion": "c"}\n'
+SYS = '{"role": "system", "content": "s"}'
+USER, ASSISTANT = '{"role": "user", "content": "a"}', '{"role": "assistant", "content": "b"}'
 
 
 @pytest.mark.parametrize("content,line,what", [
@@ -66,31 +101,31 @@ GOOD = '{"prompt": "p", "completion": "c"}\n'
     (GOOD + "   \n", 2, "blank line"),
     (GOOD + GOOD + "\n", 3, "blank line"),                # a trailing empty line after the final newline
     (GOOD + '{"prompt": "p", "completion": }\n', 2, "invalid JSON"),
-    ('{"prompt": "p"}\n', 1, r"missing key\(s\) \['completion'\]"),
-    ('{"completion": "c"}\n', 1, "missing key"),
-    ('{"prompt": "p", "response": "c"}\n', 1, r"unknown key\(s\) \['response'\]"),
+    ('{"prompt": "p"}\n', 1, r'expected "prompt" and "completion", "messages" or "conversations"'),
+    ('{"completion": "c"}\n', 1, "expected"),
+    ('{"prompt": "p", "response": "c"}\n', 1, r"got keys \['prompt', 'response'\]"),  # a typo is not metadata
     ('{"prompt": 3, "completion": "c"}\n', 1, "prompt must be a string, got int"),
     ('{"prompt": "p", "completion": null}\n', 1, "completion must be a string, got NoneType"),
-    ('{"prompt": "p", "completion": ["c"]}\n', 1, "completion must be a string, got list"),
+    ('{"prompt": "p", "completion": ["c"]}\n', 1, r"completion\[0\] must be an object"),
     ('{"prompt": "", "completion": "c"}\n', 1, "prompt is empty"),
+    ('{"prompt": "p", "completion": ""}\n', 1, "completion is empty"),  # an empty assistant turn
     ('["p", "c"]\n', 1, "expected a JSON object, got list"),
     ('"just a string"\n', 1, "expected a JSON object"),
-    ('{"messages": "hi"}\n', 1, "messages must be a list, got str"),
-    ('{"messages": []}\n', 1, r"exactly \[user, assistant\]"),
-    ('{"messages": [{"role": "user", "content": "a"}]}\n', 1, "exactly"),
-    ('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, '
-     '{"role": "assistant", "content": "b"}]}\n', 1, "no system"),
-    ('{"messages": [{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]}\n', 1, "exactly"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
-     '{"role": "user", "content": "c"}]}\n', 1, "exactly"),
-    ('{"messages": ["a", "b"]}\n', 1, "exactly"),
+    ('{"messages": "hi"}\n', 1, "messages must be a non-empty list"),
+    ('{"messages": []}\n', 1, "messages must be a non-empty list"),
+    (f'{{"messages": [{USER}]}}\n', 1, "ending with assistant"),
+    (f'{{"messages": [{SYS}]}}\n', 1, "ending with assistant"),
+    (f'{{"messages": [{USER}, {ASSISTANT}, {USER}]}}\n', 1, "ending with assistant"),
+    (f'{{"messages": [{USER}, {USER}, {ASSISTANT}]}}\n', 1, "alternating"),
+    (f'{{"messages": [{USER}, {SYS}, {ASSISTANT}]}}\n', 1, "an optional system turn"),
+    ('{"messages": ["a", "b"]}\n', 1, r"messages\[0\] must be an object with 'role' and 'content'"),
     ('{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "b"}]}\n', 1,
      r"messages\[0\].content must be a string"),
-    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}\n', 1, "exactly the keys"),
-    ('{"messages": [{"role": "user", "content": "a", "name": "x"}, {"role": "assistant", "content": "b"}]}\n', 1,
-     "exactly the keys"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "prompt": "p"}\n', 1,
-     "unknown key"),
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}\n', 1, "must be an object with"),
+    ('{"messages": [{"role": "bot", "content": "a"}]}\n', 1, r"messages\[0\].role is 'bot'"),
+    ('{"conversations": [{"from": "human", "value": "a"}, {"from": "bard", "value": "b"}]}\n', 1,
+     r"conversations\[1\].from is 'bard'; expected system, human or gpt"),
+    (f'{{"messages": [{USER}, {{"role": "assistant", "content": ""}}]}}\n', 1, r"messages\[1\].content is empty"),
     (b'{"prompt": "p", "completion": "\xff"}\n', 1, "not valid UTF-8"),
     (GOOD.encode() + b'{"prompt": "\xc3", "completion": "c"}\n', 2, "not valid UTF-8"),
 ])
@@ -98,7 +133,22 @@ def test_sft_errors(tmp_path, content, line, what):
     path = _write(tmp_path, content)
     where = f"{path}:{line}: " if line else f"{path}: "
     with pytest.raises(UserError, match=f"^{re.escape(where)}.*{what}"):
-        load_sft_jsonl(path)
+        load_conversations(path)
+
+
+def test_json_array_errors_name_the_line(tmp_path):
+    good = '  {"prompt": "p", "completion": "c"}'
+    for content, line, what in [
+        ('{"prompt": "p", "completion": "c"}', None, "expected one JSON array"),
+        (f'[\n{good},\n{good},\n  {{"prompt": 1, "completion": "c"}}\n]', 4, "prompt must be a string"),
+        (f'[\n{good},\n  {{"prompt": "p",, }}\n]', 3, "invalid JSON"),
+        (f'[\n{good},\n  7\n]', 3, "expected a JSON object, got int"),
+        ("[]", None, "no records"),
+    ]:
+        path = _write(tmp_path, content, "chats.json")
+        where = f"{path}:{line}: " if line else f"{path}: "
+        with pytest.raises(UserError, match=f"^{re.escape(where)}.*{what}"):
+            load_conversations(path)
 
 
 @pytest.mark.parametrize("content,line,what", [
@@ -118,7 +168,7 @@ def test_ppo_errors(tmp_path, tok, content, line, what):
 
 def test_missing_file(tmp_path, tok):
     path = str(tmp_path / "nope.jsonl")
-    for load in (load_sft_jsonl, load_docs_jsonl, lambda p: load_ppo_jsonl(p, tok, 64)):
+    for load in (load_conversations, load_docs_jsonl, lambda p: load_ppo_jsonl(p, tok, 64)):
         with pytest.raises(UserError, match=f"^{re.escape(path)}: cannot read"):
             load(path)
 
@@ -126,8 +176,9 @@ def test_missing_file(tmp_path, tok):
 def test_roundtrip_with_write_world(tmp_path, world, tok):
     w = world
     write_world(str(tmp_path), seed=0)
-    assert load_sft_jsonl(os.path.join(tmp_path, "sft_train.jsonl")) == w.sft_train
-    assert load_sft_jsonl(os.path.join(tmp_path, "sft_val.jsonl")) == w.sft_val
+    for split, examples in (("train", w.sft_train), ("val", w.sft_val)):
+        assert load_conversations(os.path.join(tmp_path, f"sft_{split}.jsonl")) == [
+            [("user", ex["prompt"]), ("assistant", ex["completion"])] for ex in examples]
     assert load_ppo_jsonl(os.path.join(tmp_path, "ppo_prompts.jsonl"), tok, 64) == w.ppo_prompts
     assert load_ppo_jsonl(os.path.join(tmp_path, "eval_prompts.jsonl"), tok, 64) == w.eval_prompts
     assert load_docs_jsonl(os.path.join(tmp_path, "pretrain.jsonl")) == w.pretrain
@@ -155,14 +206,14 @@ def test_load_prompts_checks_the_fit_of_file_and_builtin_prompts(tmp_path, tok):
 
 def test_response_mask_only_response_tokens_count(tok):
     prompt, completion = "Write an addition that equals 12.", "1+11=12"
-    x, y, truncated = sft_example(tok, prompt, completion, block_size=64)
+    x, y, dropped = sft_example(tok, [("user", prompt), ("assistant", completion)], block_size=64)
     p, r = tok.encode_prompt(prompt), tok.encode_response(completion)
-    assert not truncated
+    assert dropped == 0
     assert x == p + r[:-1]
     assert y == [IGNORE] * (len(p) - 1) + r  # the first response token is predicted from <|assistant|>
 
     # a second, shorter example forces right padding in the batch
-    x2, y2, _ = sft_example(tok, "Make 20 by adding two numbers.", "1+19=20", block_size=64)
+    x2, y2, _ = sft_example(tok, [("user", "Make 20 by adding two numbers."), ("assistant", "1+19=20")], 64)
     X, Y = collate([(x, y), (x2, y2)], pad_id=tok.eot_id)  # (2, T)
     assert X.shape == Y.shape == (2, max(len(x), len(x2)))
     assert (Y[1, len(y2):] == IGNORE).all() and (X[1, len(x2):] == tok.eot_id).all()
@@ -181,16 +232,38 @@ def test_response_mask_only_response_tokens_count(tok):
     assert (logits.grad[~masked].abs().sum(-1) > 0).all()
 
 
-def test_long_examples_truncate_the_response_or_drop(tok):
-    prompt = "Write an addition that equals 12."
-    p = tok.encode_prompt(prompt)
-    block = len(p) + 3
-    x, y, truncated = sft_example(tok, prompt, "1+11=12 and many more words after that", block_size=block)
-    assert truncated and len(x) == len(y) == block
-    assert y[len(p) - 1:] == tok.encode_response("1+11=12 and many more words after that")[:4]
-    assert sft_example(tok, prompt, "x", block_size=len(p) - 1) is None  # the prompt alone does not fit
-    x, y, truncated = sft_example(tok, prompt, "", block_size=len(p))  # exactly fits: only <|endoftext|> learned
-    assert not truncated and y[-1] == tok.eot_id
+def test_multi_turn_loss_is_on_every_assistant_turn_and_nothing_else(tmp_path):
+    from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text, train_bpe
+    tok = from_bpe_text("t.bpe", bpe_text(train_bpe(["hello there"], 270, 4), TRAINED_SPECIALS), "t.bpe")
+    turns = [("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "Bye!")]
+    x, y, dropped = sft_example(tok, turns, block_size=64)
+    enc = tok.encode
+    S, U, A, E = tok.system_id, tok.user_id, tok.assistant_id, tok.eot_id
+    # token by token: the whole conversation, and what each position is trained to predict
+    full = [S, *enc("Be kind."), U, *enc("Hi"), A, *enc("Hello!"), E, U, *enc("Bye"), A, *enc("Bye!"), E]
+    learned = ([False] * (1 + len(enc("Be kind.")) + 1 + len(enc("Hi")) + 1) + [True] * (len(enc("Hello!")) + 1)
+               + [False] * (1 + len(enc("Bye")) + 1) + [True] * (len(enc("Bye!")) + 1))
+    assert x == full[:-1] and dropped == 0
+    assert y == [t if keep else IGNORE for t, keep in zip(full[1:], learned[1:])]
+    assert tok.decode([t for t in y if t != IGNORE]) == "Hello!<|endoftext|>Bye!<|endoftext|>"
+    # the shipped tokenizer has no <|system|>: a system turn is refused, naming the way out
+    with pytest.raises(UserError, match="has no <\\|system\\|> token"):
+        sft_example(get_tokenizer("nanopost"), turns, 64)
+
+
+def test_long_conversations_drop_their_oldest_exchanges_first(tok):
+    turns = [("user", "first question"), ("assistant", "first answer"), ("user", "second question"),
+             ("assistant", "second answer"), ("user", "third"), ("assistant", "the last answer")]
+    whole, _ = encode_turns(tok, turns)
+    last_two, _ = encode_turns(tok, turns[2:])
+    last, _ = encode_turns(tok, turns[4:])
+    assert sft_example(tok, turns, len(whole) - 1)[2] == 0  # exactly fits
+    x, y, dropped = sft_example(tok, turns, len(whole) - 2)  # one token short: the oldest exchange goes
+    assert dropped == 1 and x == last_two[:-1]
+    x, y, dropped = sft_example(tok, turns, len(last) - 1)
+    assert dropped == 2 and x == last[:-1]
+    assert tok.decode([t for t in y if t != IGNORE]) == "the last answer<|endoftext|>"  # learned whole, never cut
+    assert sft_example(tok, turns, len(last) - 2) is None  # the last exchange alone does not fit: dropped
 
 
 def test_windows_targets_are_inputs_shifted_by_one():
