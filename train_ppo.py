@@ -15,12 +15,11 @@ The whole algorithm is one loop in main(), read top to bottom like cleanrl's ppo
     torchrun --standalone --nproc_per_node=2 train_ppo.py --init_from=out/sft/ckpt.pt
     python train_ppo.py --reward_fn=file.py:score --prompts=prompts.jsonl      # score(prompts, responses) -> floats
 
-The details follow Huang et al. 2024, "The N Implementation Details of RLHF with PPO" (the lm-human-preferences
-recipe of Ziegler et al. 2019): the reference is the initial policy; log-probs are recomputed by a forward pass
-at the sampling temperature (their gap to the sampling-time ones is logged as logprob_diff: it catches position
-and padding bugs); the value model is a separate trunk with a scalar head; advantages are whitened; dropout is 0.
-Data parallel: each rank samples its share of the global batch; whitening statistics, token counts and logged
-sums are summed over ranks and gradients are summed by hand, so an update equals one process holding the union.
+Details follow Huang et al. 2024, "The N Implementation Details of RLHF with PPO" (Ziegler et al. 2019's recipe):
+the reference is the initial policy; log-probs are recomputed at the sampling temperature (the gap to sampling is
+logged as logprob_diff: it catches position and padding bugs); a separate value trunk; whitened advantages; no
+dropout. Data parallel: ranks sample shares of the global batch; statistics, token counts and gradients are summed
+over ranks, so an update equals one process holding the union.
 
 Deliberate deviations:
   - separate optimizers for policy and value model, so there is no vf_coef: with Adam the scale of an
@@ -46,7 +45,7 @@ from nanopost.common import (RunLog, UserError, all_gather, all_reduce_max, all_
                              resume_config, save_checkpoint, set_rng_state, setup_runtime, sync_grads, teardown,
                              validate)
 from nanopost.data import load_prompts
-from nanopost.evaluate import spread, task_eval
+from nanopost.evaluate import reward_eval, spread, task_eval
 from nanopost.model import ValueModel
 from nanopost.reward import load_reward_fn, score_responses
 from nanopost.rollout import at_response, response_logprobs, rollout
@@ -97,7 +96,7 @@ class Config:
     kl_horizon: int = knob(10000, "adaptive controller horizon, in responses", ge=1)
     # eval / logging / checkpoints
     eval_interval: int = knob(50, "evaluate every this many iterations; 0 = only at start and end", ge=0)
-    eval_prompts: int = knob(54, "held-out prompts (spread over all phrasings) per evaluation; 0 = off", ge=0)
+    eval_prompts: int = knob(54, "held-out prompts per evaluation (of --prompts: a tenth at most); 0 = off", ge=0)
     eval_k: int = knob(4, "samples per eval prompt (more samples, less noise in the before/after score)", ge=1)
     eval_temperature: float = knob(1.0, "sampling temperature of the evaluation (the policy PPO optimises)", gt=0)
     ckpt_interval: int = knob(50, "save out_dir/ckpt.pt every this many iterations (and at the end); 0 = end", ge=0)
@@ -227,10 +226,14 @@ def main(argv):
     world = load_world(seed=cfg.world_seed)
     block_size = model_args["block_size"]
     train_prompts = load_prompts(cfg.prompts, world.ppo_prompts, tok, block_size, cfg.max_new_tokens)
+    if cfg.prompts:  # your prompts: a held-out tail of them (up to a tenth) is what the evaluation scores
+        n_train = len(train_prompts) - min(cfg.eval_prompts, len(train_prompts) // 10)
+        train_prompts, eval_prompts = train_prompts[:n_train], train_prompts[n_train:]
+    else:  # the built-in held-out prompts, spread over every phrasing
+        eval_prompts = spread(world.eval_prompts, cfg.eval_prompts)
+        load_prompts("", eval_prompts, tok, block_size, cfg.max_new_tokens)
     if cfg.batch_size > len(train_prompts):
         raise UserError(f"--batch_size={cfg.batch_size}: more than the {len(train_prompts)} training prompts")
-    eval_prompts = spread(world.eval_prompts, cfg.eval_prompts)  # every phrasing, not only the first
-    eval_prompts = load_prompts("", eval_prompts, tok, block_size, cfg.max_new_tokens)
     reward_fn = load_reward_fn(cfg.reward_fn, world)
 
     # RNG streams: prompt order (the same on every rank: they agree on the global batch), shuffles, sampling
@@ -242,9 +245,9 @@ def main(argv):
         if len(ckpt["rank_rng"]) != rt.world_size:
             raise UserError(f"{ckpt_path} was written by {len(ckpt['rank_rng'])} rank(s); resume it with as many "
                             f"(this run has {rt.world_size})")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        value_optimizer.load_state_dict(ckpt["value_optimizer"])
-        for opt, lr in ((optimizer, cfg.learning_rate), (value_optimizer, cfg.value_lr)):
+        for opt, key, lr in ((optimizer, "optimizer", cfg.learning_rate),
+                             (value_optimizer, "value_optimizer", cfg.value_lr)):
+            opt.load_state_dict(ckpt[key])
             opt.param_groups[0]["lr"] = lr  # this run's, which may differ from the saved one (printed as changed)
         kl_coef = cfg.kl_coef if "kl_coef" in given else ckpt["kl_coef"]  # the adaptive controller's state
         start = ckpt["step"]
@@ -254,8 +257,8 @@ def main(argv):
         set_rng_state(ckpt["rng"])
     del ckpt, vckpt
 
-    print0(f"policy {policy.num_params() / 1e6:.2f}M params | init_from {cfg.init_from} | {rt.world_size} rank(s) | "
-           f"{local_bs} prompts/rank/iter | {len(train_prompts)} train prompts | {len(eval_prompts)} eval prompts")
+    print0(f"policy {policy.num_params() / 1e6:.2f}M | {rt.world_size} rank(s) | {local_bs} prompts/rank/iter | "
+           f"{len(train_prompts)} train prompts | {len(eval_prompts)} eval prompts | reward {reward_fn.__name__}")
     if rt.master:  # the first write into out_dir: every knob and the data were checked above
         lock_out_dir(cfg.out_dir)
     log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), resume_step=start if resume else None, master=rt.master)
@@ -273,13 +276,15 @@ def main(argv):
                 rng=get_rng_state(), data_rng=data_gen.get_state(), rank_rng=gathered))
 
     def evaluate(step):
-        """Held-out verifier score of the current policy (rank 0; other ranks wait at the barrier)."""
+        """The verifier's metrics on the built-in task, else the mean of your reward on the held-out prompts
+        (rank 0; other ranks wait at the barrier)."""
         res = None
         if rt.master and eval_prompts:
+            kw = dict(k=cfg.eval_k, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=0,
+                      device=rt.device)
             with torch.no_grad(), rt.autocast():
-                res = task_eval(policy, tok, world, eval_prompts, k=cfg.eval_k, temperature=cfg.eval_temperature,
-                                max_new_tokens=cfg.max_new_tokens, seed=0, device=rt.device)
-            res = {k: v for k, v in res.items() if isinstance(v, (int, float))}
+                res = (reward_eval(policy, tok, eval_prompts, reward_fn, **kw) if cfg.prompts or cfg.reward_fn
+                       else task_eval(policy, tok, world, eval_prompts, **kw))
             print(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
             log.write(dict(kind="eval", step=step, **res))
         barrier()
@@ -290,8 +295,7 @@ def main(argv):
 
     # -------------------------------------------------------------------------
     # training loop
-    T = cfg.temperature
-    step = start
+    T, step = cfg.temperature, start
     while step < cfg.max_iters:
         step += 1
         t0 = time.time()
@@ -335,8 +339,7 @@ def main(argv):
         t_rollout = time.time() - t0
 
         # --- 6. PPO update: ppo_epochs passes of shuffled minibatches ---
-        t1 = time.time()
-        upd = {}  # update statistics: per-minibatch means, summed over minibatches here and over ranks below
+        upd, n_updates = {}, cfg.ppo_epochs * cfg.num_minibatches  # per-minibatch means, summed over both
         for epoch in range(cfg.ppo_epochs):
             b_inds = torch.randperm(B, generator=shuffle_gen)
             for lo in range(0, B, mb_size):
@@ -363,9 +366,8 @@ def main(argv):
                 norms = [nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip or math.inf)
                          for m in (policy, value_model)]
                 losses = all_reduce_sum(torch.stack([pg_loss.detach(), v_loss.detach()]).double()).tolist()
-                # before the step: the weights in memory and in ckpt.pt are still the last good ones
                 check_finite(step, ckpt_path, pg_loss=losses[0], v_loss=losses[1], policy_grad_norm=norms[0],
-                             value_grad_norm=norms[1])
+                             value_grad_norm=norms[1])  # before the step: the weights are still the last good ones
                 for opt in (optimizer, value_optimizer):
                     opt.step()
                 mb = dict(pg_loss=pg_loss, v_loss=v_loss, entropy_bonus=entropy_bonus, approx_kl=approx_kl,
@@ -374,7 +376,7 @@ def main(argv):
                 upd = {k: upd.get(k, 0.0) + v.detach().double() for k, v in mb.items()}
         assert_in_sync(policy, step, "policy")  # data parallel: every rank holds the same weights
         assert_in_sync(value_model, step, "value model")
-        t_learn = time.time() - t1
+        t_learn = time.time() - t0 - t_rollout
 
         # --- logging: sums over this rank's responses and tokens, summed over ranks once, then divided ---
         err = b_returns - b_values  # (B, N) what the value model missed, for the explained variance
@@ -386,7 +388,6 @@ def main(argv):
                     ended=b_ended.double().sum(), **upd)
         s = dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values()))).tolist()))
         n_resp, n_tok_all, dt = s["n_resp"], s["n_tok"], t_rollout + t_learn
-        n_updates = cfg.ppo_epochs * cfg.num_minibatches
         var_ret, var_err = (s[k + "_sq"] / n_tok_all - (s[k] / n_tok_all) ** 2 for k in ("ret", "err"))
         rec = dict(kind="train", step=step, **{k: s[k] / n_resp for k in ("score", "kl", "kl_full", "kl_penalised")},
                    score_std=math.sqrt(max(s["score_sq"] / n_resp - (s["score"] / n_resp) ** 2, 0.0)),

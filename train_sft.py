@@ -420,7 +420,7 @@ def main(argv):
     # summary: forgetting on each pretraining skill, before vs after this run
 
     if rt.master and first is not None and record is not None:
-        print(f"done in {format_eta(time.time() - t_start)}. val loss {first['val_loss']:.4f} -> "
+        print(f"done in {format_eta(time.time() - t_start)}. before -> after: val loss {first['val_loss']:.4f} -> "
               f"{record['val_loss']:.4f}" + ("; held-out loss per pretraining skill:" if builtin else ""))
         for s, before in first.get("heldout", {}).items():
             print(f"  {s:12s} {before:.4f} -> {record['heldout'][s]:.4f}")

@@ -5,7 +5,8 @@ User data, and the batches both training scripts and the evaluation build from t
   SFT     conversations (load_conversations): .jsonl or a .json array of {"messages": [...]} with an optional
           system turn and any number of user/assistant turns, {"prompt", "completion"} (strings or message lists),
           or ShareGPT {"conversations": [{"from", "value"}, ...]}
-  PPO     {"prompt": str}
+  PPO     prompts (load_ppo_prompts): {"prompt": str}, {"prompt": [messages]} or {"messages": [...]} ending with a
+          user turn
   corpus  plain text, or .jsonl of {"text": str} (load_corpus)
   pretraining docs (what nanopost.world.write_world writes): {"skill": str, "text": str}
         or {"skill": str, "prompt": str, "completion": str}
@@ -176,22 +177,27 @@ def load_conversations(path, last="assistant"):
     ShareGPT's {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}. For SFT the last turn is the
     assistant's; PPO prompts (last="user") end with the user's. Keys nanopost does not use (id, source, ...) are
     ignored with one warning for the whole file."""
+    return [turns for _, turns in _numbered_conversations(path, last)]
+
+
+def _numbered_conversations(path, last):
     records = _array_records(path) if path.endswith(".json") else _records(path)
     ignored = collections.Counter()
-    conversations = [_conversation(path, lineno, obj, ignored, last) for lineno, obj in records]
+    conversations = [(lineno, _conversation(path, lineno, obj, ignored, last)) for lineno, obj in records]
     if not conversations:
         raise UserError(f"{path}: no records")
     _warn_ignored(path, ignored)
     return conversations
 
 
-def load_ppo_jsonl(path, tok, max_prompt_tokens):
-    """PPO prompts -> list[str]; each line is {"prompt": str}. A prompt that leaves no room for the response
-    in the context is an error here, at load time, not when a batch happens to draw it hours into a run."""
+def load_ppo_prompts(path, tok, max_prompt_tokens):
+    """PPO prompts from a .jsonl or .json file: {"prompt": str}, {"prompt": [messages]} or {"messages": [...]}
+    ending with a user turn. -> a list of prompts, each a string (one user turn) or a conversation
+    [(role, content), ...]; that is what a reward function receives. A prompt that leaves no room for the response
+    in the context is an error naming its line, here at load time, never when a batch happens to draw it."""
     prompts = []
-    for lineno, obj in _records(path):
-        _check_keys(path, lineno, obj, ["prompt"])
-        prompt = _text(path, lineno, obj["prompt"], "prompt")
+    for lineno, turns in _numbered_conversations(path, last="user"):
+        prompt = turns[0][1] if len(turns) == 1 else turns
         n = len(tok.encode_prompt(prompt))
         if n > max_prompt_tokens:
             raise UserError(f"{path}:{lineno}: prompt is {n} tokens in the chat format; at most "
@@ -205,7 +211,7 @@ def load_prompts(path, builtin, tok, block_size, max_new_tokens):
     line), else the built-in list. Either way, prompt + max_new_tokens fits the context, checked now, at load
     time, rather than when a batch happens to draw the one prompt that does not fit."""
     if path:
-        return load_ppo_jsonl(path, tok, block_size - max_new_tokens)
+        return load_ppo_prompts(path, tok, block_size - max_new_tokens)
     longest = max((len(tok.encode_prompt(p)) for p in builtin), default=0)
     if longest + max_new_tokens > block_size:
         raise UserError(f"--max_new_tokens={max_new_tokens}: the longest built-in prompt is {longest} tokens, and "
@@ -231,40 +237,17 @@ def load_docs_jsonl(path):
 # -----------------------------------------------------------------------------
 # batches: SFT examples, pretraining windows, and the padding both use
 
-def encode_turns(tok, turns):
-    """Token ids of a conversation and, per id, whether SFT learns it: every assistant turn's tokens and the
-    <|endoftext|> that ends it (TRL's assistant-only loss); never the system or user turns or the role tokens.
-        [<|system|> s] <|user|> u1 <|assistant|> a1 <|endoftext|> <|user|> u2 <|assistant|> a2 <|endoftext|> ..."""
-    ids, learn = [], []
-    for role, content in turns:
-        if role == "assistant":
-            part = [tok.assistant_id] + tok.encode(content) + [tok.eot_id]
-            ids += part
-            learn += [False] + [True] * (len(part) - 1)
-            continue
-        if role == "user":
-            part = [tok.user_id] + tok.encode(content)
-        elif tok.system_id is None:
-            raise UserError(f"tokenizer {tok.name!r} has no <|system|> token, so it cannot encode a system turn: "
-                            f"train one (python -m nanopost.tokenizer --data=... --out=my.bpe) or drop system turns")
-        else:
-            part = [tok.system_id] + tok.encode(content)
-        ids += part
-        learn += [False] * len(part)
-    return ids, learn
-
-
 def sft_example(tok, turns, block_size):
     """One conversation as (x, y, n_dropped_turns), or None when even its last exchange does not fit.
 
     x = the tokens but the last, y = the tokens shifted by one with IGNORE wherever the token is not learned (see
-    encode_turns). A conversation longer than the context drops its oldest user/assistant exchanges first (the
+    Tokenizer.encode_turns). A conversation longer than the context drops its oldest user/assistant exchanges first (the
     system turn stays), so the last assistant turn is always learned whole, never cut."""
     system = turns[:1] if turns[0][0] == "system" else []
     body = turns[len(system):]
     starts = [i for i in range(len(body)) if i == 0 or body[i - 1][0] == "assistant"]  # where an exchange begins
     for n_dropped, start in enumerate(starts):  # drop the oldest exchange until the rest fits
-        ids, learn = encode_turns(tok, system + body[start:])
+        ids, learn = tok.encode_turns(system + body[start:])
         if len(ids) <= block_size + 1:
             x, y = ids[:-1], [t if keep else IGNORE for t, keep in zip(ids[1:], learn[1:])]
             return x, y, n_dropped

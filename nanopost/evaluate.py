@@ -34,6 +34,7 @@ import torch
 import kernels
 from nanopost.common import UserError, entry, knob, load_model, parse_config, resolve_device
 from nanopost.data import IGNORE, collate
+from nanopost.reward import score_responses
 from nanopost.rollout import at_response, response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import encode_doc, load_world
@@ -257,6 +258,22 @@ def task_eval(model, tok, world, prompts, k=1, temperature=1.0, max_new_tokens=3
     if n_show:
         out["samples"] = list(zip(flat, responses, verdicts))[:n_show]
     return out
+
+
+@torch.no_grad()
+def reward_eval(model, tok, prompts, reward_fn, k=1, temperature=1.0, max_new_tokens=32, seed=0, device="cpu"):
+    """Your reward function on k sampled responses per prompt (any prompts, any reward: what PPO on your data
+    optimises) -> dict(reward, ended, resp_len), means over all samples. Deterministic given `seed`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    flat = [p for p in prompts for _ in range(k)]
+    scores, ended, n_tok = [], [], 0
+    with _eval_mode(model):
+        for i in range(0, len(flat), ROLLOUT_BATCH):
+            ro = rollout(model, tok, flat[i:i + ROLLOUT_BATCH], max_new_tokens, temperature=temperature, generator=gen)
+            scores += score_responses(reward_fn, ro.prompts, ro.responses, ro.ended.tolist())
+            ended += ro.ended.tolist()
+            n_tok += int(ro.response_mask.sum())
+    return dict(reward=sum(scores) / len(flat), ended=sum(ended) / len(flat), resp_len=n_tok / len(flat))
 
 
 # -----------------------------------------------------------------------------

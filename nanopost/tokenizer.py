@@ -14,7 +14,8 @@ A trained file holds tiktoken's format (one "base64(token bytes) rank" line per 
 naming its special tokens, which include <|system|>. A checkpoint stores the whole file, so later stages need no
 --tokenizer flag and the file may move.
 
-Chat format: <|user|>{prompt}<|assistant|>{response}<|endoftext|>; pretraining documents end with <|endoftext|>.
+Chat format: <|user|>{prompt}<|assistant|>{response}<|endoftext|>, turn after turn, after an optional
+<|system|>{system} (Tokenizer.encode_turns); pretraining documents end with <|endoftext|>.
 Special-token strings that occur in text are always encoded as plain text (encode_ordinary): a prompt that
 contains "<|endoftext|>" must not be able to end a response or forge a turn.
 """
@@ -223,7 +224,26 @@ class Tokenizer:
         return codecs.getincrementaldecoder("utf-8")("replace").decode(self.enc.decode_bytes(list(ids)))
 
     def encode_prompt(self, prompt):
-        return [self.user_id] + self.encode(prompt) + [self.assistant_id]
+        """A prompt to answer: a string (one user turn) or a conversation ending with a user turn."""
+        if isinstance(prompt, str):
+            return [self.user_id] + self.encode(prompt) + [self.assistant_id]
+        return self.encode_turns(prompt)[0] + [self.assistant_id]
+
+    def encode_turns(self, turns):
+        """Token ids of a conversation [(role, content), ...] and, per id, whether SFT learns it: every assistant
+        turn's tokens and the <|endoftext|> that ends it (TRL's assistant-only loss), nothing else.
+            [<|system|> s] <|user|> u1 <|assistant|> a1 <|endoftext|> <|user|> u2 <|assistant|> a2 <|endoftext|>"""
+        ids, learn = [], []
+        for role, content in turns:
+            if role == "system" and self.system_id is None:
+                raise UserError(f"tokenizer {self.name!r} has no <|system|> token, so it cannot encode a system "
+                                f"turn: train one (python -m nanopost.tokenizer --data=... --out=my.bpe) or drop "
+                                f"the system turns")
+            role_id = dict(system=self.system_id, user=self.user_id, assistant=self.assistant_id)[role]
+            content = self.encode(content) + ([self.eot_id] if role == "assistant" else [])
+            ids += [role_id] + content
+            learn += [False] + [role == "assistant"] * len(content)
+        return ids, learn
 
     def encode_response(self, response):
         return self.encode(response) + [self.eot_id]

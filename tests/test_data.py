@@ -9,7 +9,7 @@ import torch
 import kernels
 from nanopost import data
 from nanopost.common import UserError
-from nanopost.data import (IGNORE, collate, encode_turns, load_conversations, load_docs_jsonl, load_ppo_jsonl,
+from nanopost.data import (IGNORE, collate, load_conversations, load_docs_jsonl, load_ppo_prompts,
                            load_prompts, sft_example, windows)
 from nanopost.tokenizer import get_tokenizer
 from nanopost.world import write_world
@@ -54,7 +54,8 @@ def test_every_conversation_shape_reads_as_turns(tmp_path, capsys):
                        f"source (1 records)\n")
     sharegpt = tmp_path / "chats.json"  # ShareGPT: one JSON array, ids on every record
     sharegpt.write_text(json.dumps([
-        {"id": "a", "conversations": [{"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": "A model."}]},
+        {"id": "a", "conversations": [{"from": "human", "value": "Who are you?"},
+                                      {"from": "gpt", "value": "A model."}]},
         {"id": "b", "conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
                                       {"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Bye"},
                                       {"from": "gpt", "value": "Bye!"}]},
@@ -73,8 +74,15 @@ def test_tolerated_details(tmp_path):
 
 
 def test_ppo(tmp_path, tok):
-    path = _write(tmp_path, _lines({"prompt": "Write an addition that equals 17."}, {"prompt": "x"}))
-    assert load_ppo_jsonl(path, tok, 64) == ["Write an addition that equals 17.", "x"]
+    history = [U("Write an addition."), A("2+3=5"), U("Now one that equals 17.")]
+    path = _write(tmp_path, _lines({"prompt": "Write an addition that equals 17."}, {"prompt": "x", "id": 3},
+                                   {"prompt": history}, {"messages": history}))
+    conversation = [("user", "Write an addition."), ("assistant", "2+3=5"), ("user", "Now one that equals 17.")]
+    assert load_ppo_prompts(path, tok, 64) == ["Write an addition that equals 17.", "x", conversation, conversation]
+    # a conversation is prompted as its turns, then <|assistant|>: the same tokens SFT trains on
+    ids, _ = tok.encode_turns(conversation)
+    assert tok.encode_prompt(conversation) == ids + [tok.assistant_id]
+    assert tok.encode_prompt("x") == tok.encode_turns([("user", "x")])[0] + [tok.assistant_id]
 
 
 def test_ppo_prompt_too_long_names_its_line(tmp_path, tok):
@@ -85,8 +93,8 @@ def test_ppo_prompt_too_long_names_its_line(tmp_path, tok):
     limit = len(tok.encode_prompt(long)) - 1  # one token short: the boundary, not a wide margin
     with pytest.raises(UserError, match=f"^{re.escape(path)}:3: prompt is {n} tokens in the chat format; "
                                         f"at most {limit} fit"):
-        load_ppo_jsonl(path, tok, limit)
-    assert load_ppo_jsonl(path, tok, n)[2] == long  # exactly full is allowed
+        load_ppo_prompts(path, tok, limit)
+    assert load_ppo_prompts(path, tok, n)[2] == long  # exactly full is allowed
 
 
 GOOD = '{"prompt": "p", "completion": "c"}\n'
@@ -155,20 +163,22 @@ def test_json_array_errors_name_the_line(tmp_path):
     ("", None, "empty file"),
     ('{"prompt": "a"}\n\n', 2, "blank line"),
     ('{"prompt": "a"}\n{"prompt": 1}\n', 2, "prompt must be a string, got int"),
-    ('{"prompt": "a", "completion": "b"}\n', 1, "unknown key"),
-    ('{"text": "a"}\n', 1, "unknown key"),
+    ('{"prompt": "a", "completion": "b"}\n', 1, "ending with user"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n', 1,
+     "ending with user"),
+    ('{"text": "a"}\n', 1, 'expected "prompt", "messages" or "conversations"'),
     ('{"prompt": "a"\n', 1, "invalid JSON"),
 ])
 def test_ppo_errors(tmp_path, tok, content, line, what):
     path = _write(tmp_path, content)
     where = f"{path}:{line}: " if line else f"{path}: "
     with pytest.raises(UserError, match=f"^{re.escape(where)}.*{what}"):
-        load_ppo_jsonl(path, tok, 64)
+        load_ppo_prompts(path, tok, 64)
 
 
 def test_missing_file(tmp_path, tok):
     path = str(tmp_path / "nope.jsonl")
-    for load in (load_conversations, load_docs_jsonl, lambda p: load_ppo_jsonl(p, tok, 64)):
+    for load in (load_conversations, load_docs_jsonl, lambda p: load_ppo_prompts(p, tok, 64)):
         with pytest.raises(UserError, match=f"^{re.escape(path)}: cannot read"):
             load(path)
 
@@ -179,8 +189,8 @@ def test_roundtrip_with_write_world(tmp_path, world, tok):
     for split, examples in (("train", w.sft_train), ("val", w.sft_val)):
         assert load_conversations(os.path.join(tmp_path, f"sft_{split}.jsonl")) == [
             [("user", ex["prompt"]), ("assistant", ex["completion"])] for ex in examples]
-    assert load_ppo_jsonl(os.path.join(tmp_path, "ppo_prompts.jsonl"), tok, 64) == w.ppo_prompts
-    assert load_ppo_jsonl(os.path.join(tmp_path, "eval_prompts.jsonl"), tok, 64) == w.eval_prompts
+    assert load_ppo_prompts(os.path.join(tmp_path, "ppo_prompts.jsonl"), tok, 64) == w.ppo_prompts
+    assert load_ppo_prompts(os.path.join(tmp_path, "eval_prompts.jsonl"), tok, 64) == w.eval_prompts
     assert load_docs_jsonl(os.path.join(tmp_path, "pretrain.jsonl")) == w.pretrain
     for s in w.skills:
         assert load_docs_jsonl(os.path.join(tmp_path, f"heldout_{s}.jsonl")) == {s: w.heldout[s]}
@@ -254,9 +264,9 @@ def test_multi_turn_loss_is_on_every_assistant_turn_and_nothing_else(tmp_path):
 def test_long_conversations_drop_their_oldest_exchanges_first(tok):
     turns = [("user", "first question"), ("assistant", "first answer"), ("user", "second question"),
              ("assistant", "second answer"), ("user", "third"), ("assistant", "the last answer")]
-    whole, _ = encode_turns(tok, turns)
-    last_two, _ = encode_turns(tok, turns[2:])
-    last, _ = encode_turns(tok, turns[4:])
+    whole, _ = tok.encode_turns(turns)
+    last_two, _ = tok.encode_turns(turns[2:])
+    last, _ = tok.encode_turns(turns[4:])
     assert sft_example(tok, turns, len(whole) - 1)[2] == 0  # exactly fits
     x, y, dropped = sft_example(tok, turns, len(whole) - 2)  # one token short: the oldest exchange goes
     assert dropped == 1 and x == last_two[:-1]

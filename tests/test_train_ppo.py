@@ -289,3 +289,26 @@ def test_resume_refuses_a_changed_run_defining_knob(ppo_run, ppo_main, copy_run,
     with pytest.raises(UserError, match=f"^cannot resume {re.escape(ckpt)}: {re.escape(refused)} \\(run-defining"):
         ppo_main(["--init_from=resume", f"--out_dir={out}", "--max_iters=3", change])
     assert snapshot(out) == before  # ckpt.pt and log.jsonl byte-identical, nothing added
+
+
+def test_your_prompts_and_reward_are_what_the_evaluation_scores(tiny_ckpt, ppo_main, read_log, tmp_path, capsys):
+    # 18 one-turn prompts, then 2 conversations: the held-out tenth is the last 2, and the reward (1 for a
+    # conversation, 0 for a string) shows which prompts the evaluation scored, and that a conversation reaches the
+    # reward function as its turns
+    (tmp_path / "is_conversation.py").write_text(
+        "def reward(prompts, responses):\n    return [float(isinstance(p, list)) for p in prompts]\n")
+    history = [dict(role="user", content="Write an addition."), dict(role="assistant", content="1+2=3")]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in
+                            [dict(prompt=f"Write an addition that equals {n}.") for n in range(10, 28)]
+                            + [dict(messages=history + [dict(role="user", content=f"Now {n}.")]) for n in (28, 29)]))
+    out = tmp_path / "mine"
+    ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=2", f"--prompts={path}",
+              f"--reward_fn={tmp_path / 'is_conversation.py'}:reward"])
+    printed = capsys.readouterr().out
+    assert "18 train prompts | 2 eval prompts | reward reward_fn=" in printed
+    evals = read_log(out, "eval")
+    assert [r["step"] for r in evals] == [0, 2]
+    assert all(r["reward"] == 1.0 and "accuracy" not in r for r in evals)  # your reward, not the verifier's
+    assert all(r["score"] == 0.0 for r in read_log(out, "train"))  # training drew only the 18 strings
+    assert "eval before -> after: reward 1.0000 -> 1.0000" in printed
