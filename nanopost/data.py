@@ -163,8 +163,12 @@ def _conversation(path, lineno, obj, ignored, last="assistant"):
     return _check_turns(path, lineno, turns, last)
 
 
+_warned = set()  # files already warned about: one warning per file, however often it is read
+
+
 def _warn_ignored(path, ignored):
-    if ignored:
+    if ignored and path not in _warned:
+        _warned.add(path)
         print(f"WARNING: {path}: ignored key(s) " + ", ".join(f"{k} ({n} records)" for k, n in sorted(ignored.items())),
               flush=True)
 

@@ -4,10 +4,14 @@ it moved from the base model.
 
     python -m nanopost.evaluate --base=out/base/ckpt.pt out/s0/sft/ckpt.pt out/s0/ppo/ckpt.pt
 
-prints one row per checkpoint (the base first). Everything is computed on held-out data with a fixed seed, so
-two runs of the command print the same numbers. Cost with the defaults (k=8 samples on 24 prompts, 64 held-out
-docs per skill, 64 probes per skill), measured on a shared 2-core CPU: ~20 s per checkpoint, two thirds of it
-sampling and the two forward passes for entropy and KL.
+prints one row per checkpoint (the base first). On your data, it prints what your data can measure:
+
+    python -m nanopost.evaluate --data=chats.jsonl --prompts=prompts.jsonl --reward_fn=my.py:score out/a/ckpt.pt ...
+
+the loss on your conversations or corpus (--data) and your reward on k samples per prompt (--prompts).
+Everything is computed on held-out data with a fixed seed, so two runs of the command print the same numbers.
+Cost with the defaults (k=8 samples on 24 prompts, 64 held-out docs per skill, 64 probes per skill), measured on
+a shared 2-core CPU: ~20 s per checkpoint, two thirds of it sampling and the two forward passes for entropy and KL.
 
 The metrics, and the choices behind them:
 - new task: verifier accuracy over k samples per held-out prompt (world.eval_prompts). A sample counts as
@@ -26,15 +30,17 @@ The metrics, and the choices behind them:
 Entropy and KL are taken at temperature 1 (the policy itself), whatever temperature the samples were drawn at.
 """
 
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 import kernels
-from nanopost.common import UserError, entry, knob, load_model, parse_config, resolve_device
-from nanopost.data import IGNORE, collate
-from nanopost.reward import score_responses
+from nanopost.common import UserError, entry, knob, load_model, parse_config, resolve_device, validate
+from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_ppo_prompts, sft_example,
+                           windows)
+from nanopost.reward import load_reward_fn, score_responses
 from nanopost.rollout import at_response, response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import encode_doc, load_world
@@ -337,12 +343,65 @@ def evaluate_checkpoints(base_path, paths, device="cpu", world_seed=-1, log=prin
 
 
 # -----------------------------------------------------------------------------
+# your data: the loss on your conversations or corpus, your reward on your prompts
+
+@torch.no_grad()
+def data_loss(model, tok, path, device, max_rows=256):
+    """Mean cross-entropy (nats) per learned token of your data: the assistant turns of SFT conversations, or
+    every token of a corpus in back-to-back block_size windows; at most max_rows sequences, evenly spread."""
+    T = model.config.block_size
+    if is_corpus(path):
+        tokens, _ = load_corpus(path, tok, os.path.dirname(os.path.abspath(path)))
+        if len(tokens) < T + 1:
+            raise UserError(f"{path}: {len(tokens)} tokens, fewer than block_size+1={T + 1}")
+        rows = [windows(tokens, [s], T) for s in spread(range(0, len(tokens) - T, T), max_rows)]
+        rows = [(x[0].tolist(), y[0].tolist()) for x, y in rows]
+    else:
+        made = [sft_example(tok, turns, T) for turns in spread(load_conversations(path), max_rows)]
+        rows = [(x, y) for x, y, _ in (m for m in made if m is not None)]
+        if not rows:
+            raise UserError(f"{path}: no conversation fits block_size={T}")
+    total, count = 0.0, 0
+    with _eval_mode(model):
+        for i in range(0, len(rows), EVAL_BATCH):
+            x, y = collate(rows[i:i + EVAL_BATCH], tok.eot_id)  # (B, T) each
+            logits = model(x.to(device))  # (B, T, V)
+            total += kernels.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
+            count += int((y != IGNORE).sum())
+    return total / count
+
+
+def evaluate_on_your_data(paths, data="", prompts="", reward_fn="", device="cpu", k=8, temperature=1.0,
+                          max_new_tokens=32, seed=0, log=print):
+    """{path: metrics} of each checkpoint on your data: data_loss on `data`, and the mean of `reward_fn` over k
+    samples on each of `prompts` (nanopost.data.load_ppo_prompts's formats)."""
+    from nanopost.world import load_world
+    score = load_reward_fn(reward_fn, load_world(0)) if prompts else None
+    results = {}
+    for path in paths:
+        t0 = time.time()
+        model, ckpt = load_model(path, device)
+        tok = from_checkpoint(ckpt, path)
+        m = {}
+        if data:
+            m["val_loss"] = data_loss(model, tok, data, device)
+        if prompts:
+            ps = load_ppo_prompts(prompts, tok, model.config.block_size - max_new_tokens)
+            m.update(reward_eval(model, tok, ps, score, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
+                                 seed=seed, device=device))
+        results[path] = m
+        log(f"eval | {path} | " + " | ".join(f"{key} {v:.4f}" for key, v in m.items()) + f" | {time.time() - t0:.1f}s")
+    return results
+
+
+# -----------------------------------------------------------------------------
 # the table
 
 def table_columns(metrics_list):
     """(key, header, format) for every column present in any of the metric dicts, in a fixed reading order:
     task, diversity, distance, then forgetting per skill (Δ held-out loss, Δ probe accuracy; both vs the base)."""
-    cols = [("accuracy", "acc", "{:.3f}"), ("pass_at_k", "pass@k", "{:.3f}"),
+    cols = [("val_loss", "val_loss", "{:.4f}"), ("reward", "reward", "{:.4f}"), ("ended", "ended", "{:.3f}"),
+            ("resp_len", "resp_len", "{:.1f}"), ("accuracy", "acc", "{:.3f}"), ("pass_at_k", "pass@k", "{:.3f}"),
             ("distinct_valid", "distinct_valid", "{:.2f}"), ("distinct_1", "dist-1", "{:.3f}"),
             ("distinct_2", "dist-2", "{:.3f}"), ("entropy", "entropy", "{:.3f}"),
             ("kl_base", "KL(base||pi)", "{:.4f}"), ("dloss_mean", "dloss_mean", "{:+.4f}")]
@@ -377,7 +436,10 @@ def format_table(rows, markdown=False):
 
 @dataclass
 class Config:
-    base: str = knob("", "base checkpoint: KL and forgetting are measured against it (required)")
+    base: str = knob("", "base checkpoint: KL and forgetting are measured against it (required on built-in data)")
+    data: str = knob("", "your data (SFT conversations or a corpus): the loss of every checkpoint on it")
+    prompts: str = knob("", "your prompts: the mean of --reward_fn over k samples of each checkpoint")
+    reward_fn: str = knob("", "module:function or file.py:function scoring (prompts, responses), for --prompts")
     k: int = knob(8, "samples per prompt for accuracy and diversity")
     n_prompts: int = knob(24, "held-out task prompts, evenly spread over world.eval_prompts")
     temperature: float = knob(1.0, "sampling temperature of the k samples (entropy and KL always use T=1)")
@@ -392,6 +454,13 @@ class Config:
 def main(argv):
     paths = [a for a in argv if not a.startswith("--")]
     cfg, _ = parse_config(Config, argv=[a for a in argv if a.startswith("--")])
+    validate(cfg)
+    if cfg.data or cfg.prompts:  # your data: your metrics, for the base (if given) and every checkpoint
+        results = evaluate_on_your_data([cfg.base] * bool(cfg.base) + paths, cfg.data, cfg.prompts, cfg.reward_fn,
+                                        resolve_device(cfg.device), cfg.k, cfg.temperature, cfg.max_new_tokens,
+                                        cfg.seed)
+        print(format_table(list(results.items())))
+        return results
     if not cfg.base:
         raise UserError("evaluate: --base=PATH is required (the checkpoint KL and forgetting are measured against)")
     device = resolve_device(cfg.device)

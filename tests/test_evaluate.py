@@ -112,3 +112,35 @@ def test_evaluate_cli_prints_table_with_zero_base_deltas(tiny_gpt, save_tiny_ckp
     assert "KL(base||pi)" in out and paths[1] in out
     with pytest.raises(UserError, match="--base=PATH is required"):
         E.main([paths[1]])
+
+
+# -----------------------------------------------------------------------------
+# your data: the loss on your conversations or corpus, your reward on your prompts
+
+def test_evaluate_on_your_data_reports_your_loss_and_your_reward(tiny_ckpt, tok, tmp_path, capsys, reference_kernels):
+    import json
+    import torch
+    from nanopost.common import load_model
+    chats = tmp_path / "chats.jsonl"
+    turns = [("user", "Hi there"), ("assistant", "Hello!"), ("user", "Add 2 and 3."), ("assistant", "2+3=5")]
+    chats.write_text(json.dumps(dict(messages=[dict(role=r, content=c) for r, c in turns])) + "\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Facts about the world. " * 40)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Write an addition that equals 12."}\n{"prompt": "Say hi."}\n')
+    (tmp_path / "half.py").write_text("def score(prompts, responses):\n    return [0.5] * len(prompts)\n")
+    results = E.main([f"--data={chats}", f"--prompts={prompts}", f"--reward_fn={tmp_path / 'half.py'}:score",
+                      "--k=2", "--max_new_tokens=6", tiny_ckpt])
+    m = results[tiny_ckpt]
+    assert set(m) == {"val_loss", "reward", "ended", "resp_len"}  # no built-in world metric on your data
+    assert m["reward"] == 0.5 and 0 <= m["ended"] <= 1 and 0 < m["resp_len"] <= 6
+    # the loss, by hand: cross-entropy of the assistant tokens (and their <|endoftext|>) only
+    model, _ = load_model(tiny_ckpt)
+    ids, learn = tok.encode_turns(turns)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)  # (T, V)
+    want = [-logp[t, ids[t + 1]].item() for t in range(len(ids) - 1) if learn[t + 1]]
+    assert m["val_loss"] == pytest.approx(sum(want) / len(want), rel=1e-5)
+    assert "val_loss" in capsys.readouterr().out
+    corpus_loss = E.main([f"--data={corpus}", tiny_ckpt])[tiny_ckpt]["val_loss"]
+    assert 0 < corpus_loss < 2 * math.log(tok.vocab_size)
