@@ -24,6 +24,7 @@ import collections
 import hashlib
 import json
 import os
+import stat
 import time
 
 import numpy as np
@@ -347,7 +348,8 @@ def load_corpus(path, tok, fallback_dir):
         raise UserError(f"{path}: cannot read (no such file)")
     st = os.stat(path)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.access(folder, os.W_OK):
+    # a folder without write permission is read-only for us even where root could write into it anyway
+    if not (os.access(folder, os.W_OK) and os.stat(folder).st_mode & stat.S_IWUSR):
         folder = fallback_dir
         os.makedirs(folder, exist_ok=True)
     cache = os.path.join(folder, f"{os.path.basename(path)}.{tok.fingerprint}.tokens")

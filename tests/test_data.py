@@ -319,15 +319,18 @@ def test_corpus_is_tokenized_once_and_cached_while_nothing_changes(tmp_path, tok
     assert digest3 != digest and changed.tolist() == tok.encode(HOSTILE + "A new line.\n") + [tok.eot_id]
 
 
-def test_corpus_cache_of_another_tokenizer_and_a_read_only_folder(tmp_path, tok, monkeypatch):
+def test_corpus_cache_of_another_tokenizer_and_a_read_only_folder(tmp_path, tok):
     from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text, train_bpe
     mine = from_bpe_text("mine.bpe", bpe_text(train_bpe([HOSTILE], 300, 4), TRAINED_SPECIALS), "mine.bpe")
-    folder = tmp_path / "shared"  # read-only for the run, as ../shared/data is in CI (root could write anyway)
+    folder = tmp_path / "shared"  # read-only, as ../shared/data is in CI: not written into, even by root
     folder.mkdir()
     path = _write(folder, HOSTILE, "c.txt")
-    monkeypatch.setattr(os, "access", lambda p, mode: os.path.abspath(p) != str(folder))
-    a, _ = data.load_corpus(path, tok, str(tmp_path / "fallback"))
-    b, _ = data.load_corpus(path, mine, str(tmp_path / "fallback"))
+    folder.chmod(0o555)
+    try:
+        a, _ = data.load_corpus(path, tok, str(tmp_path / "fallback"))
+        b, _ = data.load_corpus(path, mine, str(tmp_path / "fallback"))
+    finally:
+        folder.chmod(0o755)
     assert os.listdir(folder) == ["c.txt"]
     assert sorted(os.listdir(tmp_path / "fallback")) == sorted(
         f"c.txt.{t.fingerprint}.tokens{ext}" for t in (tok, mine) for ext in ("", ".json"))
