@@ -169,6 +169,9 @@ def setup_runtime(device="auto", dtype="float32"):
 
 def teardown(rt):
     if rt.ddp:
+        # every rank arrives first: a rank that destroys the group while rank 0 still evaluates and saves aborts
+        # gloo ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
