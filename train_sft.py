@@ -262,7 +262,7 @@ def main(argv):
             else:
                 val_examples = kept
     if resume and saved_data_hash != data_hash:
-        raise UserError(f"cannot resume {ckpt_path}: {cfg.data} is not the data it started with (its tokens "
+        raise UserError(f"cannot resume {ckpt_path}: {cfg.data} is not the data it started with (its contents "
                         f"changed); train on it in a new out_dir")
 
     def get_batch(step):

@@ -400,14 +400,16 @@ def evaluate_on_your_data(paths, data="", prompts="", reward_fn="", device="cpu"
 def table_columns(metrics_list):
     """(key, header, format) for every column present in any of the metric dicts, in a fixed reading order:
     task, diversity, distance, then forgetting per skill (Δ held-out loss, Δ probe accuracy; both vs the base)."""
-    cols = [("val_loss", "val_loss", "{:.4f}"), ("reward", "reward", "{:.4f}"), ("ended", "ended", "{:.3f}"),
-            ("resp_len", "resp_len", "{:.1f}"), ("accuracy", "acc", "{:.3f}"), ("pass_at_k", "pass@k", "{:.3f}"),
+    cols = [("accuracy", "acc", "{:.3f}"), ("pass_at_k", "pass@k", "{:.3f}"),
             ("distinct_valid", "distinct_valid", "{:.2f}"), ("distinct_1", "dist-1", "{:.3f}"),
             ("distinct_2", "dist-2", "{:.3f}"), ("entropy", "entropy", "{:.3f}"),
             ("kl_base", "KL(base||pi)", "{:.4f}"), ("dloss_mean", "dloss_mean", "{:+.4f}")]
     keys = {}  # insertion-ordered set: skills stay in world.skills order
     for m in metrics_list:
         keys.update(dict.fromkeys(m))
+    if "accuracy" not in keys:  # your data (on the built-in task the verifier's columns say more: reward = acc)
+        cols = [("val_loss", "val_loss", "{:.4f}"), ("reward", "reward", "{:.4f}"), ("ended", "ended", "{:.3f}"),
+                ("resp_len", "resp_len", "{:.1f}")] + cols
     cols += [(k, k, "{:+.4f}") for k in keys if k.startswith("dloss/")]
     cols += [(k, k, "{:+.3f}") for k in keys if k.startswith("dprobe/")]
     return [c for c in cols if c[0] in keys]

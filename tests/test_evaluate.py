@@ -144,3 +144,10 @@ def test_evaluate_on_your_data_reports_your_loss_and_your_reward(tiny_ckpt, tok,
     assert "val_loss" in capsys.readouterr().out
     corpus_loss = E.main([f"--data={corpus}", tiny_ckpt])[tiny_ckpt]["val_loss"]
     assert 0 < corpus_loss < 2 * math.log(tok.vocab_size)
+
+
+def test_table_columns_follow_the_data():
+    builtin = dict(accuracy=0.5, reward=0.5, ended=1.0, resp_len=8.0, kl_base=1.0)  # task_eval's keys
+    yours = dict(val_loss=2.0, reward=0.25, ended=0.5, resp_len=12.0)
+    assert [h for _, h, _ in E.table_columns([builtin])] == ["acc", "KL(base||pi)"]  # reward is acc there
+    assert [h for _, h, _ in E.table_columns([yours])] == ["val_loss", "reward", "ended", "resp_len"]
