@@ -230,8 +230,8 @@ def main(argv):
         n_train = len(train_prompts) - min(cfg.eval_prompts, len(train_prompts) // 10)
         train_prompts, eval_prompts = train_prompts[:n_train], train_prompts[n_train:]
     else:  # the built-in held-out prompts, spread over every phrasing
-        eval_prompts = spread(world.eval_prompts, cfg.eval_prompts)
-        load_prompts("", eval_prompts, tok, block_size, cfg.max_new_tokens)
+        eval_prompts = load_prompts("", spread(world.eval_prompts, cfg.eval_prompts), tok, block_size,
+                                    cfg.max_new_tokens)
     if cfg.batch_size > len(train_prompts):
         raise UserError(f"--batch_size={cfg.batch_size}: more than the {len(train_prompts)} training prompts")
     reward_fn = load_reward_fn(cfg.reward_fn, world)

@@ -62,8 +62,8 @@ from nanopost.common import (RunLog, UserError, all_reduce_sum, assert_in_sync, 
                              lock_out_dir, parse_config, print0, resume_config, save_checkpoint, set_rng_state,
                              setup_runtime, sync_grads, teardown, validate)
 from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_prompts, sft_example,
-                           windows)
-from nanopost.evaluate import heldout_losses, spread, task_eval
+                           spread_windows, windows)
+from nanopost.evaluate import heldout_losses, mean_loss, spread, task_eval
 from nanopost.model import GPTConfig
 from nanopost.tokenizer import from_checkpoint, get_tokenizer
 from nanopost.world import encode_doc, load_world
@@ -302,20 +302,13 @@ def main(argv):
     @torch.no_grad()
     def val_loss():
         if stage == "pretrain":
-            n = min(cfg.eval_examples, len(val_stream) - block_size - 1)
-            starts = np.linspace(0, len(val_stream) - block_size - 2, n).astype(np.int64)
-            batches = [windows(val_stream, starts[i:i + cfg.batch_size], block_size)
-                       for i in range(0, n, cfg.batch_size)]
+            X, Y = spread_windows(val_stream, cfg.eval_examples, block_size)  # (n, T) each
+            batches = [(X[i:i + cfg.batch_size], Y[i:i + cfg.batch_size]) for i in range(0, len(X), cfg.batch_size)]
         else:
             ex = val_examples[:cfg.eval_examples]
             batches = [collate(ex[i:i + cfg.batch_size], tok.eot_id) for i in range(0, len(ex), cfg.batch_size)]
-        total, count = 0.0, 0
-        for X, Y in batches:
-            with rt.autocast():
-                logits = raw_model(X.to(rt.device))  # (B, T, V)
-            total += float(kernels.cross_entropy(logits.flatten(0, 1), Y.to(rt.device).flatten(), reduction="sum"))
-            count += int((Y != IGNORE).sum())
-        return total / count
+        with rt.autocast():
+            return mean_loss(raw_model, batches, rt.device)
 
     @torch.no_grad()
     def sample():

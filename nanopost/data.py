@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from nanopost.common import UserError
+from nanopost.common import UserError, print0
 
 # kernels.cross_entropy's ignore_index: targets nothing learns from (prompt tokens, padding)
 IGNORE = -100
@@ -274,6 +274,12 @@ def collate(examples, pad_id):
     return X, Y
 
 
+def spread_windows(stream, n, block_size):
+    """At most n windows evenly spread over the whole stream (a val loss that sees all of it) -> X, Y (n, T)."""
+    n = min(n, len(stream) - block_size - 1)
+    return windows(stream, np.linspace(0, len(stream) - block_size - 2, n).astype(np.int64), block_size)
+
+
 def windows(stream, starts, block_size):
     """Pretraining batch: X = stream[s : s+T], Y = stream[s+1 : s+T+1] for each start s. -> (B, T) long each.
     stream: a 1-D numpy array or memmap (only the rows read leave the disk)."""
@@ -296,9 +302,10 @@ def is_corpus(path):
     with open(path, encoding="utf-8", errors="replace") as f:
         first = f.readline()
     try:
-        return isinstance(json.loads(first), dict) and "text" in json.loads(first)
+        record = json.loads(first)
     except json.JSONDecodeError:
         return False
+    return isinstance(record, dict) and "text" in record
 
 
 def corpus_texts(path):
@@ -371,10 +378,10 @@ def load_corpus(path, tok, fallback_dir):
             h.update(ids.tobytes())
             n_tokens, n_chars = n_tokens + len(ids), n_chars + len(text)
             if n_chars // CORPUS_BLOCK != (n_chars - len(text)) // CORPUS_BLOCK:
-                print(f"tokenizing {path}: {n_chars / 1e6:.1f}M characters -> {n_tokens / 1e6:.2f}M tokens "
-                      f"| {time.time() - t0:.0f}s", flush=True)
+                print0(f"tokenizing {path}: {n_chars / 1e6:.1f}M characters -> {n_tokens / 1e6:.2f}M tokens "
+                       f"| {time.time() - t0:.0f}s")
     os.replace(tmp, cache)
     with open(cache + ".json", "w") as f:
         json.dump(dict(key, n_tokens=n_tokens, sha256=h.hexdigest(), source=os.path.abspath(path)), f)
-    print(f"tokenized {path}: {n_tokens:,} tokens in {time.time() - t0:.1f}s, cached in {cache}", flush=True)
+    print0(f"tokenized {path}: {n_tokens:,} tokens in {time.time() - t0:.1f}s, cached in {cache}")
     return np.memmap(cache, dtype=dtype, mode="r"), h.hexdigest()

@@ -39,7 +39,7 @@ import torch
 import kernels
 from nanopost.common import UserError, entry, knob, load_model, parse_config, resolve_device, validate
 from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_ppo_prompts, sft_example,
-                           windows)
+                           spread_windows)
 from nanopost.reward import load_reward_fn, score_responses
 from nanopost.rollout import at_response, response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
@@ -119,15 +119,21 @@ def heldout_losses(model, tok, world, device, max_docs=64):
             docs = [d for d in docs if len(d) >= 2]
             assert docs, f"world.heldout[{skill!r}] has no document with 2 or more tokens"
             docs.sort(key=len)  # similar lengths in one batch -> little padding
-            total, count = 0.0, 0
-            for i in range(0, len(docs), EVAL_BATCH):
-                x, y = collate([(d[:-1], d[1:]) for d in docs[i:i + EVAL_BATCH]], tok.eot_id)  # (B, T) each
-                logits = model(x.to(device))  # (B, T, V)
-                loss = kernels.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
-                total += loss.item()
-                count += int((y != IGNORE).sum())
-            out[skill] = total / count
+            out[skill] = mean_loss(model, [collate([(d[:-1], d[1:]) for d in docs[i:i + EVAL_BATCH]], tok.eot_id)
+                                           for i in range(0, len(docs), EVAL_BATCH)], device)
     return out
+
+
+@torch.no_grad()
+def mean_loss(model, batches, device):
+    """Mean cross-entropy (nats) per target token over batches of X, Y (B, T); IGNORE targets do not count, so
+    every token weighs the same whatever batch it sits in."""
+    total, count = 0.0, 0
+    for X, Y in batches:
+        logits = model(X.to(device))  # (B, T, V)
+        total += kernels.cross_entropy(logits.flatten(0, 1), Y.to(device).flatten(), reduction="sum").item()
+        count += int((Y != IGNORE).sum())
+    return total / count
 
 
 @torch.no_grad()
@@ -348,35 +354,32 @@ def evaluate_checkpoints(base_path, paths, device="cpu", world_seed=-1, log=prin
 @torch.no_grad()
 def data_loss(model, tok, path, device, max_rows=256):
     """Mean cross-entropy (nats) per learned token of your data: the assistant turns of SFT conversations, or
-    every token of a corpus in back-to-back block_size windows; at most max_rows sequences, evenly spread."""
+    every token of a corpus in block_size windows; at most max_rows sequences, evenly spread."""
     T = model.config.block_size
     if is_corpus(path):
         tokens, _ = load_corpus(path, tok, os.path.dirname(os.path.abspath(path)))
-        if len(tokens) < T + 1:
-            raise UserError(f"{path}: {len(tokens)} tokens, fewer than block_size+1={T + 1}")
-        rows = [windows(tokens, [s], T) for s in spread(range(0, len(tokens) - T, T), max_rows)]
-        rows = [(x[0].tolist(), y[0].tolist()) for x, y in rows]
+        if len(tokens) < T + 2:
+            raise UserError(f"{path}: {len(tokens)} tokens, fewer than block_size+2={T + 2}")
+        X, Y = spread_windows(tokens, max_rows, T)
+        batches = [(X[i:i + EVAL_BATCH], Y[i:i + EVAL_BATCH]) for i in range(0, len(X), EVAL_BATCH)]
     else:
         made = [sft_example(tok, turns, T) for turns in spread(load_conversations(path), max_rows)]
         rows = [(x, y) for x, y, _ in (m for m in made if m is not None)]
         if not rows:
             raise UserError(f"{path}: no conversation fits block_size={T}")
-    total, count = 0.0, 0
+        batches = [collate(rows[i:i + EVAL_BATCH], tok.eot_id) for i in range(0, len(rows), EVAL_BATCH)]
     with _eval_mode(model):
-        for i in range(0, len(rows), EVAL_BATCH):
-            x, y = collate(rows[i:i + EVAL_BATCH], tok.eot_id)  # (B, T) each
-            logits = model(x.to(device))  # (B, T, V)
-            total += kernels.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
-            count += int((y != IGNORE).sum())
-    return total / count
+        return mean_loss(model, batches, device)
 
 
 def evaluate_on_your_data(paths, data="", prompts="", reward_fn="", device="cpu", k=8, temperature=1.0,
                           max_new_tokens=32, seed=0, log=print):
     """{path: metrics} of each checkpoint on your data: data_loss on `data`, and the mean of `reward_fn` over k
     samples on each of `prompts` (nanopost.data.load_ppo_prompts's formats)."""
-    from nanopost.world import load_world
-    score = load_reward_fn(reward_fn, load_world(0)) if prompts else None
+    if prompts and not reward_fn:
+        raise UserError("--prompts needs --reward_fn=module:function or file.py:function (the built-in verifier "
+                        "scores only the built-in task's prompts)")
+    score = load_reward_fn(reward_fn, None) if prompts else None
     results = {}
     for path in paths:
         t0 = time.time()

@@ -178,7 +178,8 @@ def test_ppo_errors(tmp_path, tok, content, line, what):
 
 def test_missing_file(tmp_path, tok):
     path = str(tmp_path / "nope.jsonl")
-    for load in (load_conversations, load_docs_jsonl, lambda p: load_ppo_prompts(p, tok, 64)):
+    for load in (load_conversations, load_docs_jsonl, lambda p: load_ppo_prompts(p, tok, 64),
+                 lambda p: data.load_corpus(p, tok, str(tmp_path))):
         with pytest.raises(UserError, match=f"^{re.escape(path)}: cannot read"):
             load(path)
 

@@ -151,3 +151,17 @@ def test_table_columns_follow_the_data():
     yours = dict(val_loss=2.0, reward=0.25, ended=0.5, resp_len=12.0)
     assert [h for _, h, _ in E.table_columns([builtin])] == ["acc", "KL(base||pi)"]  # reward is acc there
     assert [h for _, h, _ in E.table_columns([yours])] == ["val_loss", "reward", "ended", "resp_len"]
+
+
+def test_evaluate_on_your_data_bad_input_names_the_knob_or_file(tiny_ckpt, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Say hi."}\n')
+    with pytest.raises(UserError, match="^--prompts needs --reward_fn="):
+        E.main([f"--prompts={prompts}", tiny_ckpt])
+    missing = str(tmp_path / "nope.json")
+    with pytest.raises(UserError, match=f"^{missing}: cannot read"):
+        E.main([f"--data={missing}", tiny_ckpt])
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(UserError, match=f"^{short}: [0-9]+ tokens, fewer than block_size\\+2=66$"):
+        E.main([f"--data={short}", tiny_ckpt])
