@@ -39,6 +39,9 @@ Deliberate choices and deviations:
   alone does not fit is dropped. Both are counted and printed.
 - sft_kl_coef > 0 adds coef * KL(policy || initial model) per loss token (kernels.token_kl), a cheap anchor
   against forgetting; the frozen copy is stored in the checkpoint so a resumed run anchors to the same model.
+- --packing=true puts several conversations in one row (nanopost.data.pack) with attention blocked between them
+  and positions restarting per conversation: the step sees the same examples and the same loss, and skips the
+  padding that right-padding every row to the longest would compute. tok/s counts real tokens, not padding.
 - bf16 autocast and torch.compile are used on CUDA only; on CPU the loop is plain float32 eager torch.
 - Evaluation (rank 0, every eval_interval steps, before the first step and at the end): val loss; on the
   built-in data also held-out loss per pretraining skill (forgetting) and the verifier's accuracy on sampled
@@ -61,8 +64,8 @@ from nanopost.common import (RunLog, UserError, all_reduce_sum, assert_in_sync, 
                              check_model_finite, entry, format_eta, get_rng_state, knob, load_checkpoint, load_weights,
                              lock_out_dir, parse_config, print0, resume_config, save_checkpoint, set_rng_state,
                              setup_runtime, sync_grads, teardown, validate)
-from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_prompts, sft_example,
-                           spread_windows, windows)
+from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_prompts, pack,
+                           sft_example, spread_windows, windows)
 from nanopost.evaluate import heldout_losses, mean_loss, spread, task_eval
 from nanopost.model import GPTConfig
 from nanopost.tokenizer import from_checkpoint, get_tokenizer
@@ -100,6 +103,8 @@ class Config:
     beta1: float = knob(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = knob(0.95, "AdamW beta2 (0.95: steadier than 0.999 at small batch, as in GPT-3)", ge=0, lt=1)
     grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 = off", ge=0)
+    packing: bool = knob(False, "conversations: pack each micro-batch's examples into as few block_size rows as "
+                                "fit (block-diagonal attention; the same loss, less padding)")
     sft_kl_coef: float = knob(0.0, "weight of KL(model || initial model) per loss token; 0 = off", ge=0)
     # model (scratch only; a checkpoint brings its own shape)
     n_layer: int = knob(GPTConfig.n_layer, "transformer blocks", ge=1)
@@ -132,13 +137,14 @@ STAGE_DEFAULTS = {
 }
 
 
-def sample_batch(stage, step, seed, n, block_size, stream=None, examples=None, pad_id=0):
+def sample_batch(stage, step, seed, n, block_size, stream=None, examples=None):
     """The global batch of n sequences for optimizer step `step`: a pure function of (seed, step), which is what
-    makes resume exact and lets every rank agree on the batch without communicating."""
+    makes resume exact and lets every rank agree on the batch without communicating. -> X, Y (n, T) windows of
+    the stream, or a list of n (x, y) examples."""
     rng = np.random.default_rng([seed, step])
     if stage == "pretrain":
         return windows(stream, rng.integers(0, len(stream) - block_size - 1, size=n), block_size)
-    return collate([examples[i] for i in rng.integers(0, len(examples), size=n)], pad_id)
+    return [examples[i] for i in rng.integers(0, len(examples), size=n)]
 
 
 def lr_at(step, lr, min_lr, warmup_iters, decay_iters, decay):
@@ -174,6 +180,9 @@ def main(argv):
     elif cfg.init_from != "scratch":
         ckpt = load_checkpoint(cfg.init_from)
     validate(cfg)
+    if cfg.packing and stage == "pretrain":
+        raise UserError(f"--packing=true --data={cfg.data}: packing is for conversations; pretraining windows of "
+                        f"the corpus stream have no padding to remove")
     if ckpt is None and (cfg.n_embd % (2 * cfg.n_head)):
         raise UserError(f"--n_embd={cfg.n_embd} --n_head={cfg.n_head}: the head size n_embd/n_head must be even "
                         f"(rotary positions rotate pairs of channels)")
@@ -266,16 +275,26 @@ def main(argv):
                         f"changed); train on it in a new out_dir")
 
     def get_batch(step):
-        """-> X, Y (B, T) for this rank, as a list of grad_accum micro-batches, and the global loss-token count."""
-        X, Y = sample_batch(stage, step, cfg.seed, cfg.batch_size * cfg.grad_accum, block_size,
-                            stream=stream, examples=train_examples, pad_id=tok.eot_id)
+        """-> this rank's grad_accum micro-batches X, Y (b, T) and segments (None, or (b, T) when packed), the
+        global loss-token count, and the global count of real (not padding) tokens."""
+        batch = sample_batch(stage, step, cfg.seed, cfg.batch_size * cfg.grad_accum, block_size,
+                             stream=stream, examples=train_examples)
+        if stage == "pretrain":
+            X, Y = batch
+            n_real = X.numel()
+        else:
+            X, Y = collate(batch, tok.eot_id)
+            n_real = sum(len(x) for x, _ in batch)
         n_tokens = int((Y != IGNORE).sum())  # over all ranks and micro-steps: the divisor of the step's loss
         b = cfg.batch_size // rt.world_size
         micro = []
         for k in range(cfg.grad_accum):
             lo = k * cfg.batch_size + rt.rank * b  # this rank's slice of micro-batch k
-            micro.append((X[lo:lo + b].to(rt.device), Y[lo:lo + b].to(rt.device)))
-        return micro, n_tokens
+            if cfg.packing:
+                micro.append([t.to(rt.device) for t in pack(batch[lo:lo + b], block_size, tok.eot_id)])
+            else:
+                micro.append((X[lo:lo + b].to(rt.device), Y[lo:lo + b].to(rt.device), None))
+        return micro, n_tokens, n_real
 
     # ------------------------------------------------------------------------------------------------------------
     # optimizer: AdamW (Loshchilov & Hutter), weight decay on matmul/embedding weights only, not biases or norms
@@ -370,17 +389,17 @@ def main(argv):
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        micro, n_tokens = get_batch(step)
+        micro, n_tokens, n_real = get_batch(step)
         stats = torch.zeros(2, device=rt.device)  # [sum of CE, sum of KL] over this rank's loss tokens
-        for X, Y in micro:
+        for X, Y, segments in micro:
             with rt.autocast():
-                logits = model(X)  # (b, T, V)
+                logits = model(X, segments=segments)  # (b, T, V)
             loss_sum = kernels.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum")
             loss = loss_sum / n_tokens
             stats[0] += loss_sum.detach()
             if ref_model is not None:
                 with torch.no_grad(), rt.autocast():
-                    ref_logits = ref_model(X)  # (b, T, V)
+                    ref_logits = ref_model(X, segments=segments)  # (b, T, V)
                 kl_sum = (kernels.token_kl(logits, ref_logits) * (Y != IGNORE)).sum()  # over loss tokens only
                 loss = loss + cfg.sft_kl_coef * kl_sum / n_tokens
                 stats[1] += kl_sum.detach()
@@ -395,14 +414,13 @@ def main(argv):
 
         # logging: one line and one JSON record per log_interval steps
         dt = time.time() - t0
-        tokens_per_step = sum(X.numel() for X, _ in micro) * rt.world_size  # padded tokens processed
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             eta = (time.time() - t_start) / (step - step_start) * (cfg.max_iters - step)
-            line = (f"step {step}/{cfg.max_iters} | loss {ce:.4f} | lr {lr:.1e} | tok/s {tokens_per_step / dt:.0f}"
+            line = (f"step {step}/{cfg.max_iters} | loss {ce:.4f} | lr {lr:.1e} | tok/s {n_real / dt:.0f}"
                     f" | eta {format_eta(eta)}")
             print0(line + (f" | kl {kl:.4f}" if ref_model is not None else ""))
             log.write(dict(kind="train", step=step, loss=ce, kl=kl, lr=lr, grad_norm=grad_norm,
-                           tok_per_s=tokens_per_step / dt, eta_s=eta))
+                           tok_per_s=n_real / dt, eta_s=eta))
 
         if rt.master and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters):
             record = evaluate(step)

@@ -274,6 +274,34 @@ def collate(examples, pad_id):
     return X, Y
 
 
+def pack(examples, block_size, pad_id):
+    """Several (x, y) examples per row, for --packing: first-fit in order of decreasing length into rows of at most
+    block_size tokens, so short chats stop paying for the longest one's padding. -> X, Y, segments (R, T) long;
+    segments numbers the examples of a row 1, 2, ... (0 = padding) for GPT.hidden's block-diagonal mask.
+    Targets never cross examples (each y is its own x shifted), so the loss is the unpacked batch's loss."""
+    rows, room = [], []
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
+        n = len(examples[i][0])
+        r = next((r for r in range(len(rows)) if room[r] >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(block_size)
+            r = len(rows) - 1
+        rows[r].append(examples[i])
+        room[r] -= n
+    T = max(block_size - r for r in room)
+    X = torch.full((len(rows), T), pad_id, dtype=torch.long)   # (R, T)
+    Y = torch.full((len(rows), T), IGNORE, dtype=torch.long)   # (R, T)
+    segments = torch.zeros(len(rows), T, dtype=torch.long)     # (R, T)
+    for r, row in enumerate(rows):
+        at = 0
+        for s, (x, y) in enumerate(row, start=1):
+            X[r, at:at + len(x)], Y[r, at:at + len(y)] = torch.tensor(x), torch.tensor(y)
+            segments[r, at:at + len(x)] = s
+            at += len(x)
+    return X, Y, segments
+
+
 def spread_windows(stream, n, block_size):
     """At most n windows evenly spread over the whole stream (a val loss that sees all of it) -> X, Y (n, T)."""
     n = min(n, len(stream) - block_size - 1)

@@ -155,19 +155,29 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx, attention_mask=None, kv_cache=None):
+    def hidden(self, idx, attention_mask=None, kv_cache=None, segments=None):
         """Trunk output after the final layer norm, (B, T, C).
 
         idx (B, T) are the new tokens. attention_mask (B, S) marks real tokens of the whole sequence
         so far (S = cached + T); None means every token is real. With a kv_cache the keys and values
-        of earlier tokens come from the cache.
+        of earlier tokens come from the cache. segments (B, T), for packed rows (nanopost.data.pack): the
+        example each token belongs to (1, 2, ...; 0 = padding); a token attends only to earlier tokens of its
+        own example and positions restart at 0 for each, so every example computes what it would alone.
         """
         B, T = idx.size()
         past = kv_cache.length if kv_cache is not None else 0
         S = past + T
         if S > self.config.block_size:
             raise ValueError(f"sequence of {S} tokens is longer than block_size={self.config.block_size}")
-        if attention_mask is None and past == 0:
+        if segments is not None:
+            assert attention_mask is None and kv_cache is None, "packed rows are for training: no mask, no cache"
+            at = torch.arange(T, device=idx.device)
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]      # (B, T) first token of each example
+            pos = at - torch.where(starts, at, 0).cummax(-1).values  # (B, T) offset from that first token
+            same = segments[:, :, None] == segments[:, None, :]      # (B, T, T)
+            attn_mask = (same & (at[None, :] <= at[:, None]))[:, None]  # (B, 1, T, T) causal within each example
+        elif attention_mask is None and past == 0:
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
             attn_mask = None
         else:
@@ -191,8 +201,8 @@ class GPT(nn.Module):
             kv_cache.length = S
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, attention_mask=None, kv_cache=None):
-        return self.lm_head(self.hidden(idx, attention_mask, kv_cache))  # (B, T, V)
+    def forward(self, idx, attention_mask=None, kv_cache=None, segments=None):
+        return self.lm_head(self.hidden(idx, attention_mask, kv_cache, segments))  # (B, T, V)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, generator=None,

@@ -10,7 +10,7 @@ import kernels
 from nanopost import data
 from nanopost.common import UserError
 from nanopost.data import (IGNORE, collate, load_conversations, load_docs_jsonl, load_ppo_prompts,
-                           load_prompts, sft_example, windows)
+                           load_prompts, pack, sft_example, windows)
 from nanopost.tokenizer import get_tokenizer
 from nanopost.world import write_world
 
@@ -283,6 +283,28 @@ def test_windows_targets_are_inputs_shifted_by_one():
     assert X.dtype == Y.dtype == torch.long  # 16: the last start whose target window fits
     assert X.tolist() == [[100, 101, 102], [107, 108, 109], [116, 117, 118]]
     assert Y.tolist() == [[101, 102, 103], [108, 109, 110], [117, 118, 119]]
+
+
+def test_pack_puts_every_example_once_in_rows_that_fit():
+    rng = np.random.default_rng(0)
+    examples = []
+    for n in [9, 1, 5, 12, 3, 3, 7, 12, 2]:
+        x = rng.integers(1, 50, n).tolist()
+        examples.append((x, [IGNORE] * (n // 2) + x[n // 2:]))  # a prompt part without loss, like an SFT example
+    X, Y, seg = pack(examples, block_size=12, pad_id=0)
+    # first-fit by decreasing length: 12 | 12 | 9+3 | 7+5 | 3+2+1 -> 5 rows instead of 9, no row over 12
+    assert X.shape == Y.shape == seg.shape == (5, 12)
+    found = []
+    for r in range(len(X)):
+        ids = seg[r].tolist()
+        n_real = sum(1 for s in ids if s)
+        assert ids == sorted(ids, key=lambda s: s == 0), "padding only after the examples"
+        assert sorted(set(ids) - {0}) == list(range(1, max(ids) + 1)), "examples numbered 1, 2, ... per row"
+        assert (X[r, n_real:] == 0).all() and (Y[r, n_real:] == IGNORE).all()
+        for s in range(1, max(ids) + 1):
+            at = seg[r] == s
+            found.append((X[r][at].tolist(), Y[r][at].tolist()))
+    assert sorted(found) == sorted(examples)
 
 
 # -----------------------------------------------------------------------------

@@ -96,6 +96,21 @@ def test_ddp_matches_single_process(base, sft, run_sft, read_log, tmp_path):
     torch.testing.assert_close(torch.tensor([l for _, l in b]), torch.tensor([l for _, l in a]), rtol=1e-5, atol=1e-5)
 
 
+def test_packing_trains_like_the_padded_batch(base, sft, sft_main, read_log, tmp_path, capsys):
+    # the same examples per step, several per row: losses (CE and the KL anchor, two micro-steps) match the
+    # unpacked run's
+    packed = str(tmp_path / "packed")
+    sft_main([*sft_args(base[0]), f"--out_dir={packed}", "--max_iters=3", "--packing=true"])
+    a, b = train_losses(read_log, sft[0])[:3], train_losses(read_log, packed)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+    torch.testing.assert_close(torch.tensor([l for _, l in b]), torch.tensor([l for _, l in a]), rtol=1e-5, atol=1e-5)
+    kl = [r["kl"] for r in read_log(sft[0], "train")[:3]], [r["kl"] for r in read_log(packed, "train")]
+    torch.testing.assert_close(torch.tensor(kl[1]), torch.tensor(kl[0]), rtol=1e-4, atol=1e-6)
+    capsys.readouterr()
+    with pytest.raises(UserError, match="^--packing=true --data=pretrain: packing is for conversations"):
+        sft_main(["--data=pretrain", "--packing=true", f"--out_dir={tmp_path / 'p'}"])
+
+
 def test_bad_user_jsonl_names_file_and_line(sft_main, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "Write an addition that equals 12.", "completion": "1+11=12"}\n{"prompt": 3}\n')
