@@ -41,6 +41,7 @@ def test_parse_config_returns_the_config_and_the_knobs_given():
     assert given == dict(steps=3, lr=2e-3, flag=True, name="x=y")  # only what the command line said
     assert parse_config(Knobs, ["--steps=3", "--steps=5"])[1] == dict(steps=5)  # the last one wins
     assert parse_config(Knobs, []) == (Knobs(), {})
+    assert parse_config(Knobs, ["--flag"]) == (Knobs(flag=True), dict(flag=True))  # a bare bool knob is on
 
 
 @pytest.mark.parametrize("arg,message", [
