@@ -7,6 +7,7 @@ GPT2LMHeadModel saved as model.safetensors and as pytorch_model.bin, with a byte
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ transformers = pytest.importorskip("transformers", reason="test-only dependency:
 tokenizers = pytest.importorskip("tokenizers", reason="installed with transformers")
 
 from nanopost import sample  # noqa: E402
-from nanopost.common import UserError, load_checkpoint, load_model  # noqa: E402
+from nanopost.common import UserError, entry, load_checkpoint, load_model  # noqa: E402
 from nanopost.evaluate import evaluate_on_your_data  # noqa: E402
 from nanopost.gpt2 import bytes_to_unicode  # noqa: E402
 from nanopost.tokenizer import from_checkpoint  # noqa: E402
@@ -149,16 +150,18 @@ def test_greedy_sample_equals_hf_generate(hf_st, prompt, capsys):
 
 
 def test_sample_command(hf_st):
-    # the command a user types: exit 0, the prompt and 20 greedy tokens; the same again from its stdin
-    folder, _ = hf_st
-    cmd = [sys.executable, "-m", "nanopost.sample", f"--init_from={folder}", "--temperature=0",
-           "--max_new_tokens=20", "--device=cpu", "--num_samples=2"]
-    proc = subprocess.run(cmd + ["--prompt=Hello world"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # the command a user types, the prompt on its stdin: exit 0, two greedy samples (equal), each HF's tokens
+    folder, hf_model = hf_st
+    tok = from_checkpoint(load_checkpoint(folder), folder)
+    ids = tok.encode("Hello world")
+    ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            do_sample=False, max_new_tokens=20, pad_token_id=tok.eot_id)[0, len(ids):].tolist()
+    proc = subprocess.run([sys.executable, "-m", "nanopost.sample", f"--init_from={folder}", "--temperature=0",
+                           "--max_new_tokens=20", "--device=cpu", "--num_samples=2"], input="Hello world",
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    first, second = proc.stdout.split("\n---------------\n")
-    assert first.startswith("Hello world") and first == second.removesuffix("\n")  # greedy: both samples equal
-    piped = subprocess.run(cmd, input="Hello world", cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert piped.stdout == proc.stdout
+    text = "Hello world" + tok.decode_text(ref)
+    assert proc.stdout == text + "\n---------------\n" + text + "\n"
 
 
 def test_text_stream_holds_back_a_split_character(tok):
@@ -190,7 +193,8 @@ def test_chat_sample_stops_at_endoftext(tiny_gpt, save_tiny_ckpt, tok, tmp_path,
 # -----------------------------------------------------------------------------
 # the pipeline on a GPT-2 folder: SFT, then PPO, evaluate and the sampler on its checkpoint
 
-def test_sft_from_gpt2_folder_then_ppo_evaluate_sample(hf_st, sft_main, ppo_main, tmp_path, capsys):
+def test_sft_from_gpt2_folder_then_ppo_evaluate_sample(hf_st, sft_main, ppo_main, tmp_path, capsys,
+                                                        reference_kernels):
     folder, _ = hf_st
     chats = tmp_path / "chats.jsonl"
     with open(chats, "w") as f:
@@ -228,23 +232,22 @@ def test_sft_from_gpt2_folder_then_ppo_evaluate_sample(hf_st, sft_main, ppo_main
     ("merges.txt", "no merges.txt"),
 ])
 def test_folder_missing_a_file(hf_st, tmp_path, remove, message):
-    import shutil
     folder = shutil.copytree(hf_st[0], tmp_path / "g")
     os.remove(folder / remove)
     with pytest.raises(UserError, match=f"^{folder}: {message}"):
         load_checkpoint(str(folder))
 
 
-def test_folder_errors_are_one_line(hf_st, tmp_path):
-    import shutil
+def test_folder_errors_are_one_line(hf_st, tmp_path, monkeypatch, capsys):
     folder = shutil.copytree(hf_st[0], tmp_path / "g")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
-    proc = subprocess.run([sys.executable, "-m", "nanopost.sample", f"--init_from={folder}", "--prompt=x"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr == f"error: {folder}/config.json: activation_function='relu' is not GPT-2's architecture, " \
-                          f"which nanopost's GPT computes\n"
+    monkeypatch.setattr(sys, "argv", ["sample.py", f"--init_from={folder}", "--prompt=x"])
+    with pytest.raises(SystemExit) as e:
+        entry(sample.main)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: {folder}/config.json: activation_function='relu' is not GPT-2's "
+                                       f"architecture, which nanopost's GPT computes\n")
     (folder / "config.json").write_text(json.dumps(config))
     merges = (folder / "merges.txt").read_text().splitlines()
     (folder / "merges.txt").write_text("\n".join([merges[0], merges[2], merges[1]] + merges[3:]))
