@@ -144,7 +144,8 @@ def read_weights(path, device="cpu"):
 def convert(hf, model_args, tok, path):
     """GPT-2's tensors under nanopost's names and layouts; the embedding grows to hold the new chat specials."""
     # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (the original gpt2 upload) "h.0..."
-    hf = {k.removeprefix("transformer."): v for k, v in hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()
+          if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # the causal mask, saved by older versions
     head = hf.pop("lm_head.weight", None)
     if head is not None and "wte.weight" in hf and not torch.equal(head, hf["wte.weight"]):
         raise UserError(f"{path}: lm_head.weight differs from wte.weight; nanopost ties them, as GPT-2 does")
