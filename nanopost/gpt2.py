@@ -161,8 +161,9 @@ def convert(hf, model_args, tok, path):
     unused = sorted(set(hf) - {name.removeprefix("transformer.") for name in want})
     if unused:
         raise UserError(f"{path}: tensors GPT-2's architecture does not have: {', '.join(unused[:5])}")
-    wte = state["transformer.wte.weight"]
-    V = model_args["vocab_size"]
+    wte, V = state["transformer.wte.weight"], model_args["vocab_size"]
+    if wte.size(0) > V:
+        raise UserError(f"{path}: wte.weight has {wte.size(0)} rows, more than config.json's vocab_size={V}")
     wte = torch.cat([wte, wte.new_zeros(V - wte.size(0), wte.size(1))])  # (V, C)
     wte[tok.eot_id + 1:tok.vocab_size] = wte[:tok.eot_id + 1].mean(0)   # the new chat specials: the mean row
     state["transformer.wte.weight"] = state["lm_head.weight"] = wte
