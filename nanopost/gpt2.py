@@ -1,7 +1,9 @@
 """
 Start from GPT-2: a Hugging Face GPT-2 folder read as a nanopost checkpoint, with no `transformers` import and
 nothing downloaded. The folder holds config.json, model.safetensors or pytorch_model.bin, vocab.json and
-merges.txt, as `huggingface-cli download gpt2 --local-dir gpt2` leaves it (any size: gpt2, gpt2-medium, -large, -xl).
+merges.txt; on a machine with network (pip install huggingface_hub), for any size (gpt2, gpt2-medium, -large, -xl):
+
+    hf download openai-community/gpt2 config.json model.safetensors vocab.json merges.txt --local-dir gpt2
 
     python -m nanopost.sample --init_from=gpt2 --prompt="The meaning of life is"
     python train_sft.py --data=chats.jsonl --init_from=gpt2 --out_dir=out/gpt2_sft
@@ -15,9 +17,10 @@ and the tokenizer, and need the folder no more. What the mapping does:
   Hugging Face's (tests/test_gpt2.py checks it against transformers).
 - tokenizer: vocab.json and merges.txt become a tiktoken Encoding with GPT-2's split pattern. The chat specials
   <|user|>, <|assistant|> and <|system|> get new ids after <|endoftext|> (50256 in GPT-2), and their embedding
-  rows start at the mean of the trained rows: a random row can have a large logit against every context, while
-  the mean keeps the pretrained model's next-token distribution almost unchanged (Hewitt 2021, "Initializing
-  New Word Embeddings for Pretrained Language Models").
+  rows start at the mean of the trained rows. The head is tied, so a new token's logit is then the mean of all
+  logits (h . mean(w) = mean(h . w)), never above the likely tokens, and the pretrained model's next-token
+  distribution barely moves; a random row may outscore them (Hewitt 2021, "Initializing New Word Embeddings for
+  Pretrained Language Models").
 """
 
 import dataclasses
@@ -33,6 +36,7 @@ from nanopost.model import GPT, GPTConfig
 from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text
 
 FOLDER = "a GPT-2 folder holds config.json, model.safetensors or pytorch_model.bin, vocab.json and merges.txt"
+DOWNLOAD = "hf download openai-community/gpt2 config.json model.safetensors vocab.json merges.txt --local-dir gpt2"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -43,8 +47,7 @@ def _file(folder, *names):
             return os.path.join(folder, name)
     hint = f"; for a nanopost run use {os.path.join(folder, 'ckpt.pt')}" if os.path.isfile(
         os.path.join(folder, "ckpt.pt")) else ""
-    raise UserError(f"{folder}: no {' or '.join(names)} ({FOLDER}: huggingface-cli download gpt2 --local-dir "
-                    f"gpt2){hint}")
+    raise UserError(f"{folder}: no {' or '.join(names)} ({FOLDER}: {DOWNLOAD}){hint}")
 
 
 def _read_json(path):
