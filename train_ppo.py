@@ -59,7 +59,8 @@ from nanopost.world import load_world
 class Config:
     # I/O
     out_dir: str = knob("out/ppo", "where ckpt.pt and log.jsonl go")
-    init_from: str = knob("out/sft/ckpt.pt", "policy checkpoint (SFT or base ckpt.pt), or 'resume' = out_dir/ckpt.pt")
+    init_from: str = knob("out/sft/ckpt.pt", "policy checkpoint (SFT or base ckpt.pt, or a GPT-2 folder), or 'resume' "
+                                             "= out_dir/ckpt.pt")
     value_init: str = knob("", "checkpoint for the value trunk; '' = the initial policy's weights")
     reward_fn: str = knob("", "module:function or file.py:function, (prompts, responses) -> floats; '' = world.score")
     prompts: str = knob("", "JSONL file of training prompts; '' = world.ppo_prompts")

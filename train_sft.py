@@ -81,7 +81,7 @@ TASK_SHOWN = ("accuracy", "ended", "well_formed", "distinct_valid")  # of task_e
 class Config:
     # run
     out_dir: str = knob("", "where ckpt.pt and log.jsonl go; empty = stage default (out/base or out/sft)")
-    init_from: str = knob("scratch", "scratch | resume (out_dir/ckpt.pt) | path to a ckpt.pt to start from")
+    init_from: str = knob("scratch", "scratch | resume (out_dir/ckpt.pt) | a ckpt.pt or a GPT-2 folder to start from")
     data: str = knob("sft", "pretrain (built-in corpus) | sft (built-in demonstrations) | path to an SFT JSONL")
     seed: int = knob(1337, "seeds the model init and the batch sampling")
     world_seed: int = knob(0, "which built-in task world (nanopost.world.load_world)")

@@ -80,8 +80,8 @@ def _parse_value(key, text, kind):
 
 
 def parse_config(cls, argv=None):
-    """-> (cls() with the --key=value overrides of argv, {key: value} of the overrides given).
-    --help prints every knob with its default and help, then exits."""
+    """-> (cls() with the --key=value overrides of argv, {key: value} of the overrides given); --key alone is
+    --key=true for a bool knob. --help prints every knob with its default and help, then exits."""
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "--help" in argv or "-h" in argv:
@@ -91,6 +91,8 @@ def parse_config(cls, argv=None):
         sys.exit(0)
     given = {}
     for arg in argv:
+        if arg.startswith("--") and "=" not in arg and isinstance(getattr(fields.get(arg[2:]), "default", None), bool):
+            arg += "=true"  # a bare --flag switches a bool knob on
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"bad argument {arg!r}: expected --key=value (see --help)")
         key, text = arg[2:].split("=", 1)
@@ -302,23 +304,31 @@ def save_checkpoint(path, obj):
 
 
 def load_checkpoint(path, device="cpu"):
-    """A checkpoint's dict. weights_only=True: tensors and plain containers only, so opening a checkpoint from
-    someone else cannot run their code (a full unpickler would call whatever the file names)."""
+    """A checkpoint's dict. A folder is a Hugging Face GPT-2 checkpoint, read as one (nanopost.gpt2)."""
+    if os.path.isdir(path):
+        from nanopost.gpt2 import load_folder  # lazy: gpt2 needs the tokenizer, which imports this module
+        return load_folder(path, device)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        what = re.search(r"GLOBAL (\S+)", str(e))
-        if what is None:  # not a pickle torch can read at all
-            raise UserError(f"checkpoint {path} could not be read: {str(e).splitlines()[0][:200]}") from None
-        raise UserError(f"checkpoint {path} holds {what.group(1)}, not only tensors and plain data: refused, since "
-                        f"loading it could run code") from None
-    except Exception as e:  # torch raises several unrelated types for a truncated or foreign file
-        raise UserError(f"checkpoint {path} could not be read: {type(e).__name__}: {e}") from None
+    ckpt = read_torch_file(path, device, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"checkpoint {path} has no 'model' and 'model_args' entries; is it a nanopost checkpoint?")
     return ckpt
+
+
+def read_torch_file(path, device="cpu", what="checkpoint"):
+    """torch.load with weights_only=True: tensors and plain containers only, so opening a file from someone else
+    cannot run their code (a full unpickler would call whatever the file names)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        name = re.search(r"GLOBAL (\S+)", str(e))
+        if name is None:  # not a pickle torch can read at all
+            raise UserError(f"{what} {path} could not be read: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"{what} {path} holds {name.group(1)}, not only tensors and plain data: refused, since "
+                        f"loading it could run code") from None
+    except Exception as e:  # torch raises several unrelated types for a truncated or foreign file
+        raise UserError(f"{what} {path} could not be read: {type(e).__name__}: {e}") from None
 
 
 def build_model(model_args):

@@ -6,8 +6,9 @@ the output head (Press & Wolf 2017), attention is causal scaled-dot-product atte
 rotary (RoPE, Su et al. 2021), not GPT-2's learned table: attention then depends on how far apart two
 tokens are, not where they sit, so "copy the number from the prompt" is the same skill at every offset.
 With a learned table the ~1M-parameter default model, pretrained for 5 CPU-minutes, never learned to copy
-a target number from the prompt; with RoPE it does (README, "Why RoPE"). Two things go beyond nanoGPT
-because post-training needs them:
+a target number from the prompt; with RoPE it does (README, "Why RoPE"). GPT-2's learned table is the other
+choice (pos_emb="learned", transformer.wpe), so a GPT-2 checkpoint loads as it was trained (nanopost.gpt2).
+Two things go beyond nanoGPT because post-training needs them:
 
 - padded batches: `attention_mask` (B, T) marks real tokens; positions count real tokens only, and
   pads are never attended to. Prompts are left-padded, responses right-padded.
@@ -34,6 +35,7 @@ class GPTConfig:
     n_embd: int = 128       # with the defaults above: ~0.9M parameters, the CPU default
     dropout: float = 0.0
     bias: bool = True       # GPT-2 uses biases in Linear and LayerNorm
+    pos_emb: str = "rope"   # "rope" (rotary) | "learned": GPT-2's table transformer.wpe, for GPT-2 checkpoints
 
 
 class KVCache:
@@ -86,7 +88,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = rotate(q, *rope), rotate(k, *rope)  # the cache stores rotated keys: a key's position never changes
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)  # the cache stores rotated keys: a key's position never changes
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
         dropout_p = self.dropout if self.training else 0.0
@@ -128,9 +131,11 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        assert config.pos_emb in ("rope", "learned"), f"pos_emb={config.pos_emb!r}: expected rope or learned"
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
+            **(dict(wpe=nn.Embedding(config.block_size, config.n_embd)) if config.pos_emb == "learned" else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -193,8 +198,13 @@ class GPT(nn.Module):
             # a pad query would see no key at all and SDPA would return NaN for it; let it see
             # itself: pad rows are never used, and real rows are unchanged
             attn_mask = (attn_mask | (k_at == q_at)[None])[:, None]      # (B, 1, T, S)
-        rope = rotary_angles(pos, self.config.n_embd // self.config.n_head)
-        x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos)  # (B or 1, T, C): the same real-token positions rotary angles get
+        else:
+            rope = rotary_angles(pos, self.config.n_embd // self.config.n_head)
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, rope, attn_mask, kv_cache, layer)
         if kv_cache is not None:
@@ -206,7 +216,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, generator=None,
-                 pad_id=0):
+                 pad_id=0, on_token=None):
         """Sample continuations of a batch of token-id prompts of different lengths.
 
         Returns tokens (B, P+N): the prompts left-padded to P = the longest, then N = max_new_tokens
@@ -214,6 +224,7 @@ class GPT(nn.Module):
         real); logprobs (B, N) of each sampled token under log_softmax(logits / temperature), 0 at pads.
         temperature=0 is greedy (its logprobs are at temperature 1). top_k restricts what can be
         sampled, but logprobs stay those of the full distribution, so they match a later recompute.
+        on_token, if given, is called with each step's (B,) tokens as soon as they are sampled (streaming).
         """
         assert len(prompts) > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
         device = self.lm_head.weight.device
@@ -243,6 +254,8 @@ class GPT(nn.Module):
             tokens[:, P + t] = nxt
             mask[:, P + t] = ~done
             logprobs[:, t] = logp.gather(1, nxt[:, None]).squeeze(1).masked_fill(done, 0.0)
+            if on_token is not None:
+                on_token(nxt)
             if eos_id is not None:
                 done = done | (nxt == eos_id)
             if t == N - 1 or bool(done.all()):

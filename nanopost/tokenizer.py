@@ -1,6 +1,6 @@
 """
-Tokenizers: the built-in "nanopost" byte-level BPE (offline, shipped with the package), GPT-2's (tiktoken), and
-your own, trained on your corpus into a .bpe file.
+Tokenizers: the built-in "nanopost" byte-level BPE (offline, shipped with the package), GPT-2's (tiktoken, or the
+vocab.json and merges.txt of a GPT-2 folder: nanopost.gpt2), and your own, trained on your corpus into a .bpe file.
 
 All run on tiktoken's fast encoder; we only supply the merge ranks. The "nanopost" ranks are a small BPE
 (1024 tokens in all: 256 byte tokens, 765 merges, 3 specials) trained by train_bpe() on the pretraining
@@ -59,6 +59,10 @@ PAT_STR = "|".join([
     r"""\s+(?!\S)""",                    # trailing whitespace
     r"""\s+""",
 ])
+# GPT-2's own split (a GPT-2 folder's vocab.json and merges.txt were made with it, nanopost.gpt2): digits in runs,
+# contractions lowercase only. A .bpe file names it in a "#pattern gpt2" header line.
+GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+PATTERNS = {"nanopost": PAT_STR, "gpt2": GPT2_PAT_STR}
 
 
 # -----------------------------------------------------------------------------
@@ -135,10 +139,12 @@ def training_corpus(seed=0):
     return [doc_text(d) for s in w.skills for d in w.pretrain[s]]
 
 
-def bpe_text(mergeable_ranks, specials=SPECIALS):
+def bpe_text(mergeable_ranks, specials=SPECIALS, pattern="nanopost"):
     """The .bpe file: tiktoken's own format (one "base64(token bytes) rank" per line, diffable and readable by
-    tiktoken.load.load_tiktoken_bpe), after a "#specials" header when the specials are not the shipped three."""
+    tiktoken.load.load_tiktoken_bpe), after a "#specials" header when the specials are not the shipped three and a
+    "#pattern" header when the split pattern is not nanopost's."""
     header = "" if specials == SPECIALS else "#specials " + " ".join(specials) + "\n"
+    header += "" if pattern == "nanopost" else f"#pattern {pattern}\n"
     return header + "".join(f"{base64.b64encode(b).decode('ascii')} {r}\n"
                             for b, r in sorted(mergeable_ranks.items(), key=lambda kv: kv[1]))
 
@@ -151,13 +157,18 @@ def save_bpe(path, mergeable_ranks, specials=SPECIALS):
 
 
 def parse_bpe(text, path):
-    """-> (mergeable_ranks, specials) of a .bpe file's text; errors name path:LINE."""
-    ranks, specials = {}, SPECIALS
+    """-> (mergeable_ranks, specials, pattern name) of a .bpe file's text; errors name path:LINE."""
+    ranks, specials, pattern = {}, SPECIALS, "nanopost"
     for lineno, line in enumerate(text.splitlines(), 1):
-        if lineno == 1 and line.startswith("#specials "):
+        if not ranks and line.startswith("#specials "):
             specials = line.split()[1:]
             if specials[:3] != SPECIALS:
-                raise UserError(f"{path}:1: the specials must start with {' '.join(SPECIALS)}")
+                raise UserError(f"{path}:{lineno}: the specials must start with {' '.join(SPECIALS)}")
+            continue
+        if not ranks and line.startswith("#pattern "):
+            pattern = line.split()[1]
+            if pattern not in PATTERNS:
+                raise UserError(f"{path}:{lineno}: unknown pattern {pattern!r}; expected one of {', '.join(PATTERNS)}")
             continue
         parts = line.split()
         if len(parts) != 2:
@@ -168,11 +179,11 @@ def parse_bpe(text, path):
             raise UserError(f"{path}:{lineno}: {e}") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise UserError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps or repeats")
-    return ranks, specials
+    return ranks, specials, pattern
 
 
 def load_bpe(path):
-    """-> (mergeable_ranks, specials) of a .bpe file."""
+    """-> (mergeable_ranks, specials, pattern name) of a .bpe file."""
     try:
         with open(path, encoding="ascii") as f:
             return parse_bpe(f.read(), path)
@@ -205,6 +216,8 @@ class Tokenizer:
         for b, r in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
             h.update(len(b).to_bytes(2, "little") + b)
         h.update(repr(sorted(self.enc._special_tokens.items())).encode())
+        if self.enc._pat_str != PAT_STR:  # the same ranks split another way mean other ids for the same text
+            h.update(self.enc._pat_str.encode())
         return h.hexdigest()[:16]
 
     def checkpoint_entries(self):
@@ -222,6 +235,12 @@ class Tokenizer:
         """Text of ids that may end inside a multi-byte character (a length limit cut it): the incomplete tail is
         left out, never shown as U+FFFD."""
         return codecs.getincrementaldecoder("utf-8")("replace").decode(self.enc.decode_bytes(list(ids)))
+
+    def text_stream(self):
+        """A function id -> the text that id completes, for printing tokens as they are sampled: the bytes of a
+        character split across tokens are held back until the token that completes it, never shown as U+FFFD."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        return lambda i: decoder.decode(self.enc.decode_single_token_bytes(i))
 
     def encode_prompt(self, prompt):
         """A prompt to answer: a string (one user turn) or a conversation ending with a user turn."""
@@ -257,8 +276,8 @@ class Tokenizer:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
 
-def _bpe_encoding(name, ranks, specials):
-    return tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=ranks,
+def _bpe_encoding(name, ranks, specials, pattern="nanopost"):
+    return tiktoken.Encoding(name, pat_str=PATTERNS[pattern], mergeable_ranks=ranks,
                              special_tokens={s: len(ranks) + i for i, s in enumerate(specials)})
 
 

@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pytest
 import torch
@@ -41,6 +41,7 @@ def test_parse_config_returns_the_config_and_the_knobs_given():
     assert given == dict(steps=3, lr=2e-3, flag=True, name="x=y")  # only what the command line said
     assert parse_config(Knobs, ["--steps=3", "--steps=5"])[1] == dict(steps=5)  # the last one wins
     assert parse_config(Knobs, []) == (Knobs(), {})
+    assert parse_config(Knobs, ["--flag"]) == (Knobs(flag=True), dict(flag=True))  # a bare bool knob is on
 
 
 @pytest.mark.parametrize("arg,message", [
@@ -225,6 +226,16 @@ def test_load_checkpoint_refuses_what_is_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(UserError, match="has no 'model' and 'model_args' entries; is it a nanopost checkpoint"):
         load_checkpoint(other)
+
+
+def test_a_checkpoint_from_before_pos_emb_loads_with_rotary_positions(tmp_path, tiny_gpt):
+    # model_args saved before GPTConfig had pos_emb: the model is the rotary one it was trained as
+    model = tiny_gpt().eval()
+    args = {k: v for k, v in asdict(model.config).items() if k != "pos_emb"}
+    save_checkpoint(str(tmp_path / "old.pt"), dict(model=model.state_dict(), model_args=args))
+    loaded, _ = load_model(str(tmp_path / "old.pt"))
+    idx = torch.randint(0, model.config.vocab_size, (2, 9))
+    assert loaded.config.pos_emb == "rope" and torch.equal(loaded(idx), model(idx))
 
 
 # -----------------------------------------------------------------------------

@@ -40,8 +40,9 @@ def test_rotary_scores_depend_only_on_the_offset():
     assert abs(score(5, 2) - score(5, 4)) > 1e-3
 
 
-def test_padding_does_not_change_real_logits():
-    model = tiny_model()
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_padding_does_not_change_real_logits(pos_emb):
+    model = tiny_model(pos_emb=pos_emb)
     seq = torch.randint(0, 37, (1, 9))
     ref = model(seq)                                       # (1, 9, V) unpadded
     idx, mask = left_pad([seq[0].tolist(), [1, 2, 3]], pad=5)
@@ -54,11 +55,12 @@ def test_padding_does_not_change_real_logits():
     assert torch.isfinite(model(idx, mask)).all(), "pad rows must not produce NaN"
 
 
-def test_packed_rows_equal_each_example_alone_loss_and_gradients():
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_packed_rows_equal_each_example_alone_loss_and_gradients(pos_emb):
     # --packing: examples share rows but attend only within themselves with positions from 0, so every logit, the
     # per-token loss and the gradients equal those of the right-padded batch of the same examples
     from nanopost.data import IGNORE, collate, pack
-    model = tiny_model(seed=3).train()
+    model = tiny_model(seed=3, pos_emb=pos_emb).train()
     g = torch.Generator().manual_seed(0)
     examples = []
     for n in [13, 4, 9, 1, 6, 11, 3]:
@@ -90,10 +92,11 @@ def test_packed_rows_equal_each_example_alone_loss_and_gradients():
     assert not torch.allclose(model(Xp).detach(), logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_kv_cache_matches_full_recompute(chunk):
+def test_kv_cache_matches_full_recompute(chunk, pos_emb):
     # prefill a left-padded batch, then feed new tokens `chunk` at a time, some rows padded mid-way
-    model = tiny_model(seed=1)
+    model = tiny_model(seed=1, pos_emb=pos_emb)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 37, (n,), generator=g).tolist() for n in (7, 2, 5)]
     idx, mask = left_pad(prompts)
@@ -154,6 +157,19 @@ def test_generate_refuses_too_long():
     model = tiny_model()
     with pytest.raises(ValueError, match="block_size"):
         model.generate([[1] * 30], 5)
+
+
+def test_learned_positions_are_gpt2s_table():
+    # pos_emb="learned": token embedding + row t of transformer.wpe at position t, no rotation. A run of one
+    # repeated token tells positions apart only through the table: with it zeroed, every position is alike
+    model = tiny_model(pos_emb="learned")
+    assert model.transformer.wpe.weight.shape == (32, 16)
+    same = torch.tensor([[5, 5, 5]])
+    with torch.no_grad():
+        assert not torch.allclose(model(same)[0, 0], model(same)[0, 2])
+        model.transformer.wpe.weight.zero_()
+        torch.testing.assert_close(model(same)[0, 0], model(same)[0, 2])
+    assert "transformer.wpe.weight" not in tiny_model().state_dict()  # rope: no table, as before
 
 
 def test_hidden_feeds_a_scalar_head_and_weights_are_tied():

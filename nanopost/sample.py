@@ -1,0 +1,107 @@
+"""
+Sample from a model: a nanopost ckpt.pt or a Hugging Face GPT-2 folder (nanopost.gpt2), tokens printed as they
+are generated.
+
+    python -m nanopost.sample --init_from=out/ppo/ckpt.pt --chat --prompt="Write an addition that equals 42."
+    python -m nanopost.sample --init_from=gpt2 --prompt="The meaning of life is" --num_samples=3
+    python -m nanopost.sample --init_from=out/sft/ckpt.pt --chat            # no --prompt, a terminal: a chat
+
+--chat wraps the prompt in the chat format (<|user|>prompt<|assistant|>) and stops at <|endoftext|>; without it the
+prompt is continued as plain text (an empty prompt starts from <|endoftext|>, GPT-2's unconditional samples).
+With no --prompt, a terminal on stdin starts an interactive loop (with --chat the conversation is kept, oldest
+exchanges dropped when it outgrows the context); otherwise stdin is read as the prompt.
+"""
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from nanopost.common import UserError, entry, knob, load_model, parse_config, setup_runtime, validate
+from nanopost.tokenizer import from_checkpoint
+
+
+@dataclass
+class Config:
+    init_from: str = knob("", "a nanopost ckpt.pt or a GPT-2 folder (config.json, weights, vocab.json, merges.txt)")
+    prompt: str = knob("", "text to continue (or, with --chat, the user turn); '' = read stdin or chat interactively")
+    chat: bool = knob(False, "chat format: <|user|>prompt<|assistant|>, stop at <|endoftext|>")
+    num_samples: int = knob(1, "samples per prompt, printed one after the other", ge=1)
+    max_new_tokens: int = knob(200, "tokens per sample, at most what the context leaves after the prompt", ge=1)
+    temperature: float = knob(0.8, "sampling temperature; 0 = greedy", ge=0)
+    top_k: int = knob(200, "sample among the k most likely tokens; 0 = all", ge=0)
+    seed: int = knob(1337, "seeds the sampling")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = knob("bfloat16", "autocast dtype on CUDA (CPU always runs float32)", choices=("bfloat16", "float32"))
+
+
+def sample(model, tok, ids, cfg, generator):
+    """Generate after ids, printing each token's text as soon as it is sampled -> the new ids (no <|endoftext|>
+    in chat mode)."""
+    room = model.config.block_size - len(ids)
+    if room < 1:
+        raise UserError(f"the prompt is {len(ids)} tokens; the model's context is {model.config.block_size}")
+    text = tok.text_stream()
+    new = []
+
+    def on_token(nxt):
+        t = int(nxt[0])
+        if not (cfg.chat and t == tok.eot_id):  # the chat's end marker ends the sample; it is not text
+            new.append(t)
+            sys.stdout.write(text(t))
+            sys.stdout.flush()
+
+    model.generate([ids], min(cfg.max_new_tokens, room), temperature=cfg.temperature, top_k=cfg.top_k or None,
+                   eos_id=tok.eot_id if cfg.chat else None, generator=generator, on_token=on_token)
+    return new
+
+
+def fit(tok, turns, block_size):
+    """The chat's prompt ids, dropping the oldest exchanges until it leaves room for a reply."""
+    while len(turns) > 1 and len(tok.encode_prompt(turns)) >= block_size:
+        turns = turns[2:]
+    return tok.encode_prompt(turns), turns
+
+
+def main(argv):
+    cfg, given = parse_config(Config, argv)
+    validate(cfg)
+    if not cfg.init_from:
+        raise UserError("--init_from=PATH is required: a nanopost ckpt.pt or a GPT-2 folder")
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    model, ckpt = load_model(cfg.init_from, rt.device)
+    model.eval()
+    tok = from_checkpoint(ckpt, cfg.init_from)
+    generator = torch.Generator(rt.device).manual_seed(cfg.seed)
+    interactive = "prompt" not in given and sys.stdin.isatty()
+    results = []
+    with rt.autocast():
+        if not interactive:
+            prompt = cfg.prompt if "prompt" in given else sys.stdin.read()
+            ids = tok.encode_prompt(prompt) if cfg.chat else tok.encode(prompt) or [tok.eot_id]
+            for i in range(cfg.num_samples):
+                if not cfg.chat:
+                    sys.stdout.write(prompt)
+                results.append(sample(model, tok, ids, cfg, generator))
+                sys.stdout.write("\n" if i == cfg.num_samples - 1 else "\n---------------\n")
+            return results
+        print(f"{cfg.init_from}: {'chat' if cfg.chat else 'text to continue'}; Ctrl-D to quit", file=sys.stderr)
+        turns = []
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return results
+            if cfg.chat:
+                ids, turns = fit(tok, turns + [("user", line)], model.config.block_size)
+                new = sample(model, tok, ids, cfg, generator)
+                turns = turns + [("assistant", tok.decode_text(new))]
+            else:
+                new = sample(model, tok, tok.encode(line) or [tok.eot_id], cfg, generator)
+            results.append(new)
+            sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    entry(main)
