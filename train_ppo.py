@@ -446,8 +446,8 @@ def main(argv):
                 check_finite(step, ckpt_path, **losses, **norms)  # before the step: the weights are the last good ones
                 for opt, _, _ in optimizers:
                     opt.step()
-                mb.update(ratio_mean=masked_mean(ratio, mb_mask, n_tok), ratio_sq=masked_mean(ratio * ratio, mb_mask,
-                                                                                            n_tok))
+                mb.update(ratio_mean=masked_mean(ratio, mb_mask, n_tok),
+                          ratio_sq=masked_mean(ratio * ratio, mb_mask, n_tok))
                 upd = {k: upd.get(k, 0.0) + v.detach().double() for k, v in mb.items()}
         for name, m in models.items():
             assert_in_sync(m, step, name)  # data parallel: every rank holds the same weights

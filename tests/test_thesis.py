@@ -3,6 +3,7 @@ masses against the KL-regularised optimum on hand values; rft's accept step; the
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -104,3 +105,42 @@ def test_summary_compares_methods_at_matched_accuracy():
     assert table[0].startswith("| method | runs | acc | forgetting |")
     assert any(row.startswith("| ppo | 2 | 0.625 [0.500, 0.750] |") for row in table)
     json.dumps(per_run[("ppo", 1)])  # results.json holds them
+
+
+def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkeypatch):
+    calls = {}
+
+    def fake_stage(cfg, name, script, args, out_dir, inputs=()):  # records the command, writes its snapshots
+        calls[name] = (script, args, list(inputs))
+        steps = next(a.split("=", 1)[1] for a in args if a.startswith("--snapshot_steps="))
+        os.makedirs(os.path.join(out_dir, "snap"), exist_ok=True)
+        for s in filter(None, steps.split(",")):
+            open(os.path.join(out_dir, "snap", f"step_{s}.pt"), "w").close()
+        return os.path.join(out_dir, "ckpt.pt")
+
+    def fake_rft_data(ckpt, out_path, k, seed, device="cpu"):
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        with open(out_path, "w") as f:
+            f.write(json.dumps(dict(prompt="p", completion="c")) + "\n")
+        return 1, k
+
+    monkeypatch.setattr(T, "run_stage", fake_stage)
+    monkeypatch.setattr(T, "write_rft_data", fake_rft_data)
+    cfg = T.Config(out_dir=str(tmp_path), sft_iters=20, sft_snapshots="5,10", ppo_iters=60, ppo_snapshot_every=20,
+                   rft_rounds=2, rft_iters=10, rft_snapshot_every=5, device="cpu")
+    runs = T.run_seed(cfg, "base.pt", 3)
+    d = os.path.join(str(tmp_path), "thesis", "s3")
+    assert [s for s, _ in runs["sft"]] == [5, 10, 20] and runs["sft"][-1][1] == os.path.join(d, "sft", "ckpt.pt")
+    for m in ("ppo", "ppo_kl0", "grpo"):
+        assert [s for s, _ in runs[m]] == [20, 40, 60]
+        script, args, inputs = calls[f"{m} seed=3"]
+        assert script == "train_ppo.py" and "--snapshot_steps=20,40" in args and inputs == ["base.pt"]
+        assert "--seed=3" in args and "--max_minutes=0" in args
+    assert "--kl_coef=0.05" in calls["ppo seed=3"][1] and "--advantage=grpo" not in calls["ppo seed=3"][1]
+    assert "--kl_coef=0" in calls["ppo_kl0 seed=3"][1]
+    assert {"--advantage=grpo", "--group_size=8", "--kl_coef=0.05"} <= set(calls["grpo seed=3"][1])
+    # rft: round 1 starts from round 0's checkpoint, on its own samples; steps run on across rounds
+    r0, r1 = (os.path.join(d, "rft", f"round{r}") for r in (0, 1))
+    assert calls["rft seed=3 round 1"][2] == [os.path.join(r0, "ckpt.pt"), r1 + "_samples.jsonl"]
+    assert f"--init_from={os.path.join(r0, 'ckpt.pt')}" in calls["rft seed=3 round 1"][1]
+    assert [s for s, _ in runs["rft"]] == [5, 10, 15, 20]
