@@ -112,22 +112,23 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
 
     def fake_stage(cfg, name, script, args, out_dir, inputs=()):  # records the command, writes its snapshots
         calls[name] = (script, args, list(inputs))
-        steps = next(a.split("=", 1)[1] for a in args if a.startswith("--snapshot_steps="))
+        steps = next((a.split("=", 1)[1] for a in args if a.startswith("--snapshot_steps=")), "")
         os.makedirs(os.path.join(out_dir, "snap"), exist_ok=True)
         for s in filter(None, steps.split(",")):
             open(os.path.join(out_dir, "snap", f"step_{s}.pt"), "w").close()
         return os.path.join(out_dir, "ckpt.pt")
 
-    def fake_rft_data(ckpt, out_path, k, seed, device="cpu"):
+    def fake_rft_data(ckpt, out_path, k, seed, device="cpu"):  # 13 verified in round 0, 40 in round 1
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        kept = 13 if seed % 1000 == 0 else 40
         with open(out_path, "w") as f:
-            f.write(json.dumps(dict(prompt="p", completion="c")) + "\n")
-        return 1, k
+            f.write((json.dumps(dict(prompt="p", completion="c")) + "\n") * kept)
+        return kept, k
 
     monkeypatch.setattr(T, "run_stage", fake_stage)
     monkeypatch.setattr(T, "write_rft_data", fake_rft_data)
     cfg = T.Config(out_dir=str(tmp_path), sft_iters=20, sft_snapshots="5,10", ppo_iters=60, ppo_snapshot_every=20,
-                   rft_rounds=2, rft_iters=10, rft_snapshot_every=5, device="cpu")
+                   rft_rounds=2, rft_epochs=2, rft_batch=16, device="cpu")
     runs = T.run_seed(cfg, "base.pt", 3)
     d = os.path.join(str(tmp_path), "thesis", "s3")
     assert [s for s, _ in runs["sft"]] == [5, 10, 20] and runs["sft"][-1][1] == os.path.join(d, "sft", "ckpt.pt")
@@ -139,8 +140,11 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
     assert "--kl_coef=0.05" in calls["ppo seed=3"][1] and "--advantage=grpo" not in calls["ppo seed=3"][1]
     assert "--kl_coef=0" in calls["ppo_kl0 seed=3"][1]
     assert {"--advantage=grpo", "--group_size=8", "--kl_coef=0.05"} <= set(calls["grpo seed=3"][1])
-    # rft: round 1 starts from round 0's checkpoint, on its own samples; steps run on across rounds
+    # rft: round 1 starts from round 0's checkpoint, on its own samples; a round's steps are 2 passes over its
+    # verified samples in batches of 16 (13 -> ceil(26 / 16) = 2 steps, 40 -> 5), counted on across rounds
     r0, r1 = (os.path.join(d, "rft", f"round{r}") for r in (0, 1))
     assert calls["rft seed=3 round 1"][2] == [os.path.join(r0, "ckpt.pt"), r1 + "_samples.jsonl"]
     assert f"--init_from={os.path.join(r0, 'ckpt.pt')}" in calls["rft seed=3 round 1"][1]
-    assert [s for s, _ in runs["rft"]] == [5, 10, 15, 20]
+    assert "--max_iters=2" in calls["rft seed=3 round 0"][1] and "--max_iters=5" in calls["rft seed=3 round 1"][1]
+    assert "--batch_size=16" in calls["rft seed=3 round 1"][1]
+    assert runs["rft"] == [(2, os.path.join(r0, "ckpt.pt")), (7, os.path.join(r1, "ckpt.pt"))]
