@@ -292,8 +292,8 @@ def main(argv):
         eval_prompts = load_prompts("", spread(world.eval_prompts, cfg.eval_prompts), tok, block_size,
                                     cfg.max_new_tokens)
     if n_prompts > len(train_prompts):
-        raise UserError(f"--batch_size={cfg.batch_size} --group_size={cfg.group_size}: {n_prompts} prompts per "
-                        f"iteration, more than the {len(train_prompts)} training prompts")
+        raise UserError(f"--batch_size={cfg.batch_size}: more than the {len(train_prompts)} training prompts can fill "
+                        f"({n_prompts} prompts per iteration at --group_size={cfg.group_size})")
     reward_fn = load_reward_fn(cfg.reward_fn, world)
 
     # RNG streams: prompt order (the same on every rank: they agree on the global batch), shuffles, sampling
