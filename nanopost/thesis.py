@@ -2,7 +2,8 @@
 The thesis study: does PPO forget less than SFT at matched accuracy, and is it the KL anchor or the on-policy data?
 
     python -m nanopost.thesis --seeds=0,1,2,3,4          # the full study (time: see the README)
-    python -m nanopost.thesis --seeds=0 --ppo_iters=100 --rft_rounds=2 --k=4 --n_prompts=16   # a pilot
+    python -m nanopost.thesis --seeds=0 --ppo_iters=80 --ppo_snapshot_every=10 --rft_rounds=10 --rft_k=4 \
+        --rft_epochs=4 --k=4 --n_prompts=16 --max_docs=32 --match_acc=0.1,0.3,0.5 --readme_plot=false  # a pilot
 
 "Retaining by Doing" (Chen, Razin, Narasimhan & Chen 2025) finds RL's retention comes from on-policy data, not
 from the KL regularizer or the advantage estimator; RL's Razor (Shenfeld, Pari & Agrawal 2025) finds forgetting
@@ -19,7 +20,9 @@ tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). 
              pi(y | x, correct), the policy's own distribution restricted to right answers, the KL-closest correct
              policy that RL's Razor's "oracle SFT" approximates. A round's steps follow its data (epochs, not a
              fixed count): the base gets ~1% right, and 30 steps of 32 on its 13 verified samples (a pilot) were
-             ~70 passes over them, memorising rather than staying on-policy.
+             ~70 passes over them, memorising rather than staying on-policy. Each round is a fresh train_sft.py run,
+             so Adam restarts every round; at SFT's 1e-3 its first sign-like steps forgot +0.12 nats in a 2-step
+             round that learned nothing (pilot), so rft steps at PPO's constant 1e-4, the same optimizer scale.
 
 Every run keeps snapshots along training (--snapshot_steps of the scripts), and every snapshot is evaluated with
 nanopost.evaluate: one trajectory (accuracy, forgetting = mean Δ held-out loss, KL(base || pi)) per run. Methods
@@ -36,6 +39,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -44,7 +48,7 @@ import torch
 
 from nanopost.common import UserError, entry, knob, load_model, parse_config, resolve_device
 from nanopost.evaluate import _eval_mode, evaluate_checkpoints, spread
-from nanopost.experiment import pearson, run_stage
+from nanopost.experiment import ROOT, pearson, run_stage
 from nanopost.rollout import response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import demonstrate, load_world
@@ -187,6 +191,7 @@ class Config:
     rft_epochs: float = knob(2.0, "rft: passes over a round's verified samples (its steps = epochs * kept / batch)",
                              gt=0)
     rft_batch: int = knob(16, "rft: train_sft.py --batch_size", ge=1)
+    rft_lr: float = knob(1e-4, "rft: constant learning rate, no warmup (train_ppo.py's policy lr)", gt=0)
     match_acc: str = knob("0.5,0.8", "accuracies at which methods are compared along their trajectories")
     k: int = knob(8, "evaluation: samples per held-out prompt")
     n_prompts: int = knob(24, "evaluation: held-out task prompts")
@@ -196,6 +201,7 @@ class Config:
     n_boot: int = knob(10000, "bootstrap resamples per interval", ge=100)
     device: str = knob("auto", "cpu, cuda, or auto (passed to the training scripts too)")
     force: bool = knob(False, "rerun stages whose checkpoint already exists")
+    readme_plot: bool = knob(True, "also copy the curves to .assets/thesis.png, the README's figure (off for a pilot)")
 
 
 def _snaps(out_dir, final_step):
@@ -238,10 +244,10 @@ def run_seed(cfg, base, seed):
             print(f"stage rft seed={seed} round {r} | no verified sample: rft stops here", flush=True)
             break
         iters = max(1, math.ceil(cfg.rft_epochs * kept / cfg.rft_batch))
-        # warmup 3: a round is short, and train_sft's default warmup of 20 would take most of it
         latest = run_stage(cfg, f"rft seed={seed} round {r}", "train_sft.py",
                            [f"--data={data}", f"--init_from={latest}", f"--max_iters={iters}",
-                            f"--batch_size={cfg.rft_batch}", "--warmup_iters=3"] + common, out, inputs=[latest, data])
+                            f"--batch_size={cfg.rft_batch}", f"--learning_rate={cfg.rft_lr}", "--lr_decay=false",
+                            "--warmup_iters=0"] + common, out, inputs=[latest, data])
         step += iters
         runs["rft"].append((step, latest))
     return runs
@@ -412,6 +418,8 @@ def main(argv):
     per_run, levels = summarize(cfg, runs, results)
     png = os.path.join(thesis_dir, "curves.png")
     plot_curves(per_run, png)
+    if cfg.readme_plot:
+        shutil.copyfile(png, os.path.join(ROOT, ".assets", "thesis.png"))
     b = results[base]
     wall = time.time() - t0
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
