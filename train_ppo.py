@@ -1,12 +1,14 @@
 """
-PPO with a value model, a frozen reference and a per-token KL penalty, for the tiny nanopost GPT.
+PPO with a value model, a frozen reference and a per-token KL penalty, for the tiny nanopost GPT; or, with
+--advantage=grpo|rloo, critic-free PPO whose baseline is the other responses to the same prompt.
 
 The whole algorithm is one loop in main(), read top to bottom like cleanrl's ppo.py:
   1. rollout   sample one response per prompt from the policy (KV cache, per-row stop at eot)
   2. score     reward_fn(prompts, responses) -> one float per response (default: the built-in verifier)
   3. logprobs  recompute log pi(a_t|s_t) of the sampled tokens under the policy and the frozen reference
   4. rewards   r_t = -kl_coef * KL_t on every response token, + score on the last real token (Ziegler et al. 2019)
-  5. GAE       advantages over response tokens, whitened over real tokens (Schulman et al. 2016)
+  5. GAE       advantages over response tokens, whitened over real tokens (Schulman et al. 2016); or one
+               advantage per response from its group of group_size samples of the same prompt (GRPO, RLOO)
   6. update    ppo_epochs passes of shuffled minibatches: clipped ratio objective, clipped value loss,
                entropy bonus, gradient clipping; pad tokens never contribute (Schulman et al. 2017)
 
@@ -14,6 +16,20 @@ The whole algorithm is one loop in main(), read top to bottom like cleanrl's ppo
     python train_ppo.py --init_from=resume --out_dir=out/ppo_sft --max_iters=400  # continue exactly
     torchrun --standalone --nproc_per_node=2 train_ppo.py --init_from=out/sft/ckpt.pt
     python train_ppo.py --reward_fn=file.py:score --prompts=prompts.jsonl      # score(prompts, responses) -> floats
+    python train_ppo.py --init_from=out/base/ckpt.pt --advantage=grpo --group_size=8   # no value model
+
+Critic-free advantages (outcome supervision: one scalar per response, on all its tokens; no value model, no
+value optimizer, no value loss). --batch_size counts responses, so an iteration costs the same whatever
+group_size is: batch_size / group_size prompts, each sampled group_size times, a group never split over ranks.
+  grpo  A_i = (s_i - mean(s_group)) / (std(s_group) + 1e-4), sample std (Shao et al. 2024, DeepSeekMath, sec.
+        4.1.2). The KL goes in the LOSS, as there: + kl_coef * k3(pi, ref) per token, k3 being the unbiased,
+        non-negative estimator whose gradient pulls toward the reference (the gradient of a k1 term in the
+        loss is zero in expectation); --kl_estimator does not apply. The score alone enters the advantage,
+        so the group normalisation never rescales the penalty.
+  rloo  A_i = R_i - mean(R_j, j != i), with R_i = score_i - kl_coef * sum_t KL_t: the KL stays in the REWARD
+        as a sequence-level penalty (Ahmadian et al. 2024, "Back to Basics", sec. 3), --kl_estimator as for gae.
+        Leave-one-out keeps the baseline independent of the response it judges, so the estimate is unbiased.
+  kl_coef is beta of KL(pi || ref) in all three; 0 removes the anchor.
 
 Details follow Huang et al. 2024, "The N Implementation Details of RLHF with PPO" (Ziegler et al. 2019's recipe):
 the reference is the initial policy; log-probs are recomputed at the sampling temperature (the gap to sampling is
@@ -28,6 +44,8 @@ Deliberate deviations:
   - a response cut at max_new_tokens is scored as it is and treated as terminal (no bootstrap from V at the
     cut); missing_eos_penalty is subtracted from its score instead of replacing it (N-details uses -1)
   - constant learning rate (no annealing) so a resumed run is the same run whatever max_iters says
+  - GRPO's loss is a mean over all real tokens of the minibatch, not a mean of per-response means (Shao et
+    al.): every token weighs the same, as in the PPO loss here (and as Liu et al. 2025, "Dr. GRPO", argue)
 """
 
 import math
@@ -41,9 +59,9 @@ import torch.nn as nn
 import kernels
 from nanopost.common import (RunLog, UserError, all_gather, all_reduce_max, all_reduce_sum, assert_in_sync, barrier,
                              build_model, check_finite, check_model_finite, entry, get_rng_state, knob, load_checkpoint,
-                             load_weights, lock_out_dir, masked_mean, masked_whiten, parse_config, print0,
-                             resume_config, save_checkpoint, set_rng_state, setup_runtime, sync_grads, teardown,
-                             validate)
+                             load_weights, lock_out_dir, masked_mean, masked_whiten, parse_config, parse_steps, print0,
+                             resume_config, save_checkpoint, save_snapshot, set_rng_state, setup_runtime, sync_grads,
+                             teardown, validate)
 from nanopost.data import load_prompts
 from nanopost.evaluate import reward_eval, spread, task_eval
 from nanopost.model import ValueModel
@@ -69,11 +87,15 @@ class Config:
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = knob("float32", "float32 | bfloat16 (autocast, CUDA only)", choices=("float32", "bfloat16"))
     # rollout
-    batch_size: int = knob(64, "prompts per iteration, global over all ranks (one response each)", ge=1)
+    batch_size: int = knob(64, "responses per iteration, global over all ranks (batch_size/group_size prompts)",
+                           ge=1)
+    group_size: int = knob(1, "responses sampled per prompt in one batch (grpo and rloo need >= 2)", ge=1)
     max_new_tokens: int = knob(16, "response length limit; longer responses are cut and count as not ended", ge=1)
     temperature: float = knob(1.0, "sampling temperature; log-probs and KL are computed at the same temperature", gt=0)
     missing_eos_penalty: float = knob(0.0, "subtracted from the score of responses that never emitted eot")
     # PPO
+    advantage: str = knob("gae", "gae (value model) | grpo | rloo (critic-free group baselines)",
+                          choices=("gae", "grpo", "rloo"))
     max_iters: int = knob(200, "PPO iterations (rollout + update)", ge=0)
     max_minutes: float = knob(5.0, "also stop (eval + save) after this many minutes of this run; 0 = no limit", ge=0)
     # 2 x 2 updates per batch: on the ~1M model each update already moves approx_kl by ~0.005 at lr 1e-4,
@@ -88,10 +110,11 @@ class Config:
     grad_clip: float = knob(1.0, "clip each model's gradient norm to this; 0 = off", ge=0)
     gamma: float = knob(1.0, "discount (1: a short episode, the score at its end)", ge=0)
     lam: float = knob(0.95, "GAE lambda", ge=0)
-    whiten_rewards: bool = knob(False, "whiten per-token rewards (no mean shift) before GAE")
+    whiten_rewards: bool = knob(False, "whiten per-token rewards (no mean shift) before GAE (gae only)")
     # KL penalty
     kl_coef: float = knob(0.05, "initial KL penalty coefficient beta", ge=0)
-    kl_estimator: str = knob("k1", "per-token KL: k1 | k3 | full (exact over the vocab)", choices=("k1", "k3", "full"))
+    kl_estimator: str = knob("k1", "per-token KL in the reward: k1 | k3 | full (exact over the vocab); grpo: k3 in "
+                             "the loss", choices=("k1", "k3", "full"))
     adaptive_kl: bool = knob(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
     kl_target: float = knob(1.0, "target KL per response (nats) for the adaptive controller", gt=0)
     kl_horizon: int = knob(10000, "adaptive controller horizon, in responses", ge=1)
@@ -101,11 +124,13 @@ class Config:
     eval_k: int = knob(4, "samples per eval prompt (more samples, less noise in the before/after score)", ge=1)
     eval_temperature: float = knob(1.0, "sampling temperature of the evaluation (the policy PPO optimises)", gt=0)
     ckpt_interval: int = knob(50, "save out_dir/ckpt.pt every this many iterations (and at the end); 0 = end", ge=0)
+    snapshot_steps: str = knob("", "comma-separated iterations at which to also keep out_dir/snap/step_<n>.pt "
+                                   "(the policy alone: a training trajectory to evaluate later)")
 
 
 # a resume may change any other knob (max_iters, learning rates, intervals, coefficients); these define the run
 RUN_DEFINING = ("value_init", "reward_fn", "prompts", "world_seed", "seed", "batch_size", "max_new_tokens",
-                "temperature")
+                "temperature", "advantage", "group_size")
 SHOWN = ("score", "kl", "kl_full", "kl_coef", "entropy", "approx_kl", "clipfrac", "pg_loss", "v_loss",  # printed
          "explained_var", "resp_len", "ended", "logprob_diff", "tok_per_s")  # every iteration; log.jsonl has all
 
@@ -135,6 +160,22 @@ def compute_gae(rewards, values, mask, gamma, lam):
     advantages = advantages * maskf
     returns = advantages + values
     return advantages, returns
+
+
+def grpo_advantages(scores, group_size, eps=1e-4):
+    """GRPO's outcome advantage (Shao et al. 2024, sec. 4.1.2): each response's score standardised within its
+    group. scores: (B,), the group_size samples of a prompt adjacent. Returns (B,); a group whose scores are
+    all equal (all right or all wrong) gets 0: it says nothing about which response is better.
+    eps=1e-4 (as in TRL): keeps a near-constant group finite."""
+    g = scores.view(-1, group_size)  # (B/k, k)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
+
+
+def rloo_advantages(scores, group_size):
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, eq. 6; Kool et al. 2019): each response's score minus the
+    mean of the OTHER k-1 scores of its group, = k/(k-1) * (s_i - group mean). scores: (B,), groups adjacent."""
+    g = scores.view(-1, group_size)  # (B/k, k)
+    return ((g - g.mean(1, keepdim=True)) * group_size / (group_size - 1)).view(-1)
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip_coef, n=None):
@@ -193,34 +234,52 @@ def main(argv):
     if resume:
         cfg = resume_config(Config, given, ckpt, ckpt_path, "train_ppo.py", RUN_DEFINING)
     validate(cfg)
+    critic = cfg.advantage == "gae"  # grpo and rloo take their baseline from the group: no value model at all
+    if not critic and cfg.group_size < 2:
+        raise UserError(f"--advantage={cfg.advantage}: needs --group_size >= 2 (a group baseline), got "
+                        f"{cfg.group_size}")
+    if not critic and cfg.whiten_rewards:
+        raise UserError(f"--whiten_rewards: only for --advantage=gae (a group baseline compares raw scores)")
+    if cfg.advantage == "grpo" and "kl_estimator" in given:
+        raise UserError(f"--kl_estimator={cfg.kl_estimator}: grpo puts the k3 KL estimate in the loss; the knob is "
+                        f"for the KL in the reward (gae, rloo)")
+    snapshots = parse_steps(cfg.snapshot_steps, "snapshot_steps")
     rt = setup_runtime(cfg.device, cfg.dtype)
     local_bs = cfg.batch_size // rt.world_size
-    if cfg.batch_size % rt.world_size or local_bs % cfg.num_minibatches:
+    if cfg.batch_size % rt.world_size or local_bs % cfg.num_minibatches or local_bs % cfg.group_size:
         raise UserError(f"--batch_size={cfg.batch_size}: must split evenly over {rt.world_size} rank(s) and then "
-                        f"into --num_minibatches={cfg.num_minibatches}")
+                        f"into --num_minibatches={cfg.num_minibatches} and into groups of --group_size="
+                        f"{cfg.group_size} (a group stays on one rank)")
     mb_size = local_bs // cfg.num_minibatches
+    n_prompts, local_prompts = cfg.batch_size // cfg.group_size, local_bs // cfg.group_size  # per iteration
 
     # -------------------------------------------------------------------------
-    # models: policy (trained), reference (frozen initial policy), value model (trunk + scalar head)
+    # models: policy (trained), reference (frozen initial policy), value model (trunk + scalar head) for gae
     model_args = dict(ckpt["model_args"], dropout=0.0)  # N-details: dropout would make rollout and update differ
     tok = from_checkpoint(ckpt, ckpt_path if resume else cfg.init_from)
     policy = load_weights(build_model(model_args), ckpt["model"]).to(rt.device)
     ref_policy = load_weights(build_model(model_args), ckpt["ref_model" if resume else "model"]).to(rt.device)
     ref_policy.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # the value head init: identical on every rank
-    vckpt = ckpt if resume else load_checkpoint(cfg.value_init) if cfg.value_init else None
-    if vckpt and "value_model" in vckpt:  # this run, or a PPO checkpoint: its trained value model whole
+    vckpt = (ckpt if resume else load_checkpoint(cfg.value_init) if cfg.value_init else None) if critic else None
+    value_model = value_optimizer = value_args = None
+    if critic and vckpt and "value_model" in vckpt:  # this run, or a PPO checkpoint: its trained value model whole
         value_args = vckpt["value_model_args"]
         value_model = load_weights(ValueModel(build_model(value_args)), vckpt["value_model"]).to(rt.device)
-    else:  # an LM checkpoint (by default the initial policy): its trunk and a fresh head
+    elif critic:  # an LM checkpoint (by default the initial policy): its trunk and a fresh head
         value_args = dict((vckpt or ckpt)["model_args"], dropout=0.0)
         value_model = ValueModel(load_weights(build_model(value_args), (vckpt or ckpt)["model"])).to(rt.device)
+    models = dict(policy=policy) | (dict(value_model=value_model) if critic else {})  # what is trained
     # dropout is 0, so eval() changes nothing numerically; it is set once and never switched back
-    policy.eval(), ref_policy.eval(), value_model.eval()
+    for m in (ref_policy, *models.values()):
+        m.eval()
 
     # eps=1e-5: cleanrl/baselines PPO value; betas: the default Adam of the N-details reference code
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
-    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, eps=1e-5, weight_decay=0.0)
+    if critic:
+        value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, eps=1e-5, weight_decay=0.0)
+    optimizers = [(optimizer, "optimizer", cfg.learning_rate)] + (
+        [(value_optimizer, "value_optimizer", cfg.value_lr)] if critic else [])
 
     # -------------------------------------------------------------------------
     # data: prompts checked against the context now, not when a batch happens to draw one
@@ -233,8 +292,9 @@ def main(argv):
     else:  # the built-in held-out prompts, spread over every phrasing
         eval_prompts = load_prompts("", spread(world.eval_prompts, cfg.eval_prompts), tok, block_size,
                                     cfg.max_new_tokens)
-    if cfg.batch_size > len(train_prompts):
-        raise UserError(f"--batch_size={cfg.batch_size}: more than the {len(train_prompts)} training prompts")
+    if n_prompts > len(train_prompts):
+        raise UserError(f"--batch_size={cfg.batch_size}: more than the {len(train_prompts)} training prompts can fill "
+                        f"({n_prompts} prompts per iteration at --group_size={cfg.group_size})")
     reward_fn = load_reward_fn(cfg.reward_fn, world)
 
     # RNG streams: prompt order (the same on every rank: they agree on the global batch), shuffles, sampling
@@ -246,8 +306,7 @@ def main(argv):
         if len(ckpt["rank_rng"]) != rt.world_size:
             raise UserError(f"{ckpt_path} was written by {len(ckpt['rank_rng'])} rank(s); resume it with as many "
                             f"(this run has {rt.world_size})")
-        for opt, key, lr in ((optimizer, "optimizer", cfg.learning_rate),
-                             (value_optimizer, "value_optimizer", cfg.value_lr)):
+        for opt, key, lr in optimizers:
             opt.load_state_dict(ckpt[key])
             opt.param_groups[0]["lr"] = lr  # this run's, which may differ from the saved one (printed as changed)
         kl_coef = cfg.kl_coef if "kl_coef" in given else ckpt["kl_coef"]  # the adaptive controller's state
@@ -258,7 +317,8 @@ def main(argv):
         set_rng_state(ckpt["rng"])
     del ckpt, vckpt
 
-    print0(f"policy {policy.num_params() / 1e6:.2f}M | {rt.world_size} rank(s) | {local_bs} prompts/rank/iter | "
+    print0(f"policy {policy.num_params() / 1e6:.2f}M | {cfg.advantage} | {rt.world_size} rank(s) | {local_prompts} "
+           f"prompts/rank/iter x {cfg.group_size} samples | "
            f"{len(train_prompts)} train prompts | {len(eval_prompts)} eval prompts | reward {reward_fn.__name__}")
     if rt.master:  # the first write into out_dir: every knob and the data were checked above
         lock_out_dir(cfg.out_dir)
@@ -266,14 +326,15 @@ def main(argv):
 
     def save(step):
         """Everything needed to continue bit-exactly; collective (every rank contributes its RNG state)."""
-        check_model_finite(step, ckpt_path, policy=policy, value_model=value_model)  # identical on every rank
+        check_model_finite(step, ckpt_path, **models)  # identical on every rank
         gathered = all_gather(dict(shuffle=shuffle_gen.get_state(), sample=sample_gen.get_state()))
+        value = dict(value_model=value_model.state_dict(), value_model_args=value_args,
+                     value_optimizer=value_optimizer.state_dict()) if critic else {}
         if rt.master:
             save_checkpoint(ckpt_path, dict(
                 model=policy.state_dict(), model_args=model_args, config=asdict(cfg), step=step,
-                script="train_ppo.py", **tok.checkpoint_entries(), optimizer=optimizer.state_dict(),
-                value_model=value_model.state_dict(), value_model_args=value_args,
-                value_optimizer=value_optimizer.state_dict(), ref_model=ref_policy.state_dict(), kl_coef=kl_coef,
+                script="train_ppo.py", **tok.checkpoint_entries(), optimizer=optimizer.state_dict(), **value,
+                ref_model=ref_policy.state_dict(), kl_coef=kl_coef,
                 rng=get_rng_state(), data_rng=data_gen.get_state(), rank_rng=gathered))
 
     def evaluate(step):
@@ -301,12 +362,12 @@ def main(argv):
         step += 1
         t0 = time.time()
 
-        # --- 1. rollout: the global batch of prompts, this rank's share ---
-        global_idx = torch.randperm(len(train_prompts), generator=data_gen)[:cfg.batch_size]
-        local_idx = global_idx[rt.rank * local_bs:(rt.rank + 1) * local_bs].tolist()
+        # --- 1. rollout: the global batch of prompts, this rank's share, each prompt group_size times in a row ---
+        global_idx = torch.randperm(len(train_prompts), generator=data_gen)[:n_prompts]
+        local_idx = global_idx[rt.rank * local_prompts:(rt.rank + 1) * local_prompts].tolist()
         with torch.no_grad(), rt.autocast():
-            ro = rollout(policy, tok, [train_prompts[i] for i in local_idx], cfg.max_new_tokens, temperature=T,
-                         generator=sample_gen)
+            ro = rollout(policy, tok, [train_prompts[i] for i in local_idx for _ in range(cfg.group_size)],
+                         cfg.max_new_tokens, temperature=T, generator=sample_gen)
         P, b_tokens, b_attn = ro.prompt_len, ro.tokens, ro.mask  # (B, P+N) long, (B, P+N) bool
         b_mask, b_ended = ro.response_mask, ro.ended.to(rt.device)  # (B, N) bool: sampled tokens incl. eot; (B,)
         B, N = b_mask.shape
@@ -321,22 +382,29 @@ def main(argv):
             (b_logprobs, b_entropy), logits = response_logprobs(policy, b_tokens, b_attn, P, T, return_entropy=True)
             b_ref_logprobs, ref_logits = response_logprobs(ref_policy, b_tokens, b_attn, P, T)
             b_full_kl = kernels.token_kl(logits, ref_logits, temperature=T)  # (B, N) exact KL per position
-            b_values = at_response(value_model(b_tokens, attention_mask=b_attn), P).float()  # (B, N) V(s_t)
+            if critic:
+                b_values = at_response(value_model(b_tokens, attention_mask=b_attn), P).float()  # (B, N) V(s_t)
             del logits, ref_logits
         # sampling and recomputation agree up to kernel noise; a gap means a temperature, position or padding bug
         logprob_diff = torch.where(b_mask, (b_logprobs - ro.logprobs.to(rt.device)).abs(), 0.0).max()
 
         # --- 4. per-token rewards: KL penalty everywhere, score on the last real token ---
-        b_kl = kl_penalty(b_logprobs, b_ref_logprobs, cfg.kl_estimator, b_full_kl)  # (B, N)
+        b_kl = kl_penalty(b_logprobs, b_ref_logprobs, "k3" if cfg.advantage == "grpo" else cfg.kl_estimator,
+                          b_full_kl)  # (B, N); grpo: only logged here, its KL term is in the loss
         b_rewards = torch.where(b_mask, -kl_coef * b_kl, torch.zeros_like(b_kl))
         last = b_mask.sum(1) - 1  # (B,) index of the last real response token (eot if ended)
         b_rewards[torch.arange(B, device=rt.device), last] += b_scores
         if cfg.whiten_rewards:
             b_rewards = masked_whiten(b_rewards, b_mask, shift_mean=False)
 
-        # --- 5. advantages (GAE) and returns ---
-        b_advantages, b_returns = compute_gae(b_rewards, b_values, b_mask, cfg.gamma, cfg.lam)
-        b_advantages = masked_whiten(b_advantages, b_mask, shift_mean=True)
+        # --- 5. advantages: GAE and returns, or one per response from its group, on all its tokens ---
+        if critic:
+            b_advantages, b_returns = compute_gae(b_rewards, b_values, b_mask, cfg.gamma, cfg.lam)
+            b_advantages = masked_whiten(b_advantages, b_mask, shift_mean=True)
+        else:
+            group_adv = (grpo_advantages(b_scores, cfg.group_size) if cfg.advantage == "grpo"
+                         else rloo_advantages(b_rewards.sum(1), cfg.group_size))  # (B,); rloo: score - beta*KL
+            b_advantages = torch.where(b_mask, group_adv[:, None], 0.0)  # (B, N)
         t_rollout = time.time() - t0
 
         # --- 6. PPO update: ppo_epochs passes of shuffled minibatches ---
@@ -352,53 +420,62 @@ def main(argv):
                 with rt.autocast():
                     (newlogprob, entropy), _ = response_logprobs(policy, b_tokens[mb_inds], b_attn[mb_inds], P, T,
                                                                  return_entropy=True)
-                    newvalues = at_response(value_model(b_tokens[mb_inds], attention_mask=b_attn[mb_inds]), P)
                 pg_loss, approx_kl, clipfrac, ratio = policy_loss(
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], mb_mask, cfg.clip_coef, n_tok)
                 entropy_bonus = masked_mean(entropy, mb_mask, n_tok)
-                v_loss, vf_clipfrac = value_loss(newvalues.float(), b_values[mb_inds], b_returns[mb_inds], mb_mask,
-                                                 cfg.vf_clip_coef, n_tok)
-                # disjoint parameters: one backward serves both models, each with its own optimizer
-                loss = pg_loss - cfg.ent_coef * entropy_bonus + v_loss
-                for opt in (optimizer, value_optimizer):
+                loss = pg_loss - cfg.ent_coef * entropy_bonus
+                mb = dict(pg_loss=pg_loss, entropy_bonus=entropy_bonus, approx_kl=approx_kl, clipfrac=clipfrac)
+                if critic:
+                    with rt.autocast():
+                        newvalues = at_response(value_model(b_tokens[mb_inds], attention_mask=b_attn[mb_inds]), P)
+                    v_loss, vf_clipfrac = value_loss(newvalues.float(), b_values[mb_inds], b_returns[mb_inds],
+                                                     mb_mask, cfg.vf_clip_coef, n_tok)
+                    loss = loss + v_loss  # disjoint parameters: one backward serves both models, each its optimizer
+                    mb.update(v_loss=v_loss, vf_clipfrac=vf_clipfrac)
+                if cfg.advantage == "grpo":  # the KL anchor in the loss (Shao et al. 2024, eq. 3), k3 per token
+                    kl_loss = masked_mean(kl_penalty(newlogprob, b_ref_logprobs[mb_inds], "k3"), mb_mask, n_tok)
+                    loss = loss + kl_coef * kl_loss
+                    mb.update(kl_loss=kl_loss)
+                for opt, _, _ in optimizers:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
-                sync_grads(list(policy.parameters()) + list(value_model.parameters()))
-                norms = [nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip or math.inf)
-                         for m in (policy, value_model)]
-                losses = all_reduce_sum(torch.stack([pg_loss.detach(), v_loss.detach()]).double()).tolist()
-                check_finite(step, ckpt_path, pg_loss=losses[0], v_loss=losses[1], policy_grad_norm=norms[0],
-                             value_grad_norm=norms[1])  # before the step: the weights are still the last good ones
-                for opt in (optimizer, value_optimizer):
+                sync_grads([p for m in models.values() for p in m.parameters()])
+                norms = {f"{name}_grad_norm": nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip or math.inf)
+                         for name, m in models.items()}
+                losses = dict(pg_loss=pg_loss) | (dict(v_loss=v_loss) if critic else {})
+                losses = dict(zip(losses, all_reduce_sum(torch.stack(list(losses.values())).detach().double())))
+                check_finite(step, ckpt_path, **losses, **norms)  # before the step: the weights are the last good ones
+                for opt, _, _ in optimizers:
                     opt.step()
-                mb = dict(pg_loss=pg_loss, v_loss=v_loss, entropy_bonus=entropy_bonus, approx_kl=approx_kl,
-                          clipfrac=clipfrac, vf_clipfrac=vf_clipfrac, ratio_mean=masked_mean(ratio, mb_mask, n_tok),
+                mb.update(ratio_mean=masked_mean(ratio, mb_mask, n_tok),
                           ratio_sq=masked_mean(ratio * ratio, mb_mask, n_tok))
                 upd = {k: upd.get(k, 0.0) + v.detach().double() for k, v in mb.items()}
-        assert_in_sync(policy, step, "policy")  # data parallel: every rank holds the same weights
-        assert_in_sync(value_model, step, "value model")
+        for name, m in models.items():
+            assert_in_sync(m, step, name)  # data parallel: every rank holds the same weights
         t_learn = time.time() - t0 - t_rollout
 
         # --- logging: sums over this rank's responses and tokens, summed over ranks once, then divided ---
-        err = b_returns - b_values  # (B, N) what the value model missed, for the explained variance
-        per_token = dict(kl=b_logprobs - b_ref_logprobs, kl_full=b_full_kl, kl_penalised=b_kl, entropy=b_entropy,
-                         ret=b_returns, ret_sq=b_returns ** 2, err=err, err_sq=err ** 2)
+        per_token = dict(kl=b_logprobs - b_ref_logprobs, kl_full=b_full_kl, kl_penalised=b_kl, entropy=b_entropy)
+        if critic:
+            err = b_returns - b_values  # (B, N) what the value model missed, for the explained variance
+            per_token.update(ret=b_returns, ret_sq=b_returns ** 2, err=err, err_sq=err ** 2)
         sc = torch.tensor(raw_scores, dtype=torch.float64, device=rt.device)  # (B,)
         sums = {k: torch.where(b_mask, v, 0.0).double().sum() for k, v in per_token.items()}
         sums.update(n_resp=sc.new_tensor(B), n_tok=b_mask.double().sum(), score=sc.sum(), score_sq=(sc * sc).sum(),
                     ended=b_ended.double().sum(), **upd)
         s = dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values()))).tolist()))
         n_resp, n_tok_all, dt = s["n_resp"], s["n_tok"], t_rollout + t_learn
-        var_ret, var_err = (s[k + "_sq"] / n_tok_all - (s[k] / n_tok_all) ** 2 for k in ("ret", "err"))
         rec = dict(kind="train", step=step, **{k: s[k] / n_resp for k in ("score", "kl", "kl_full", "kl_penalised")},
                    score_std=math.sqrt(max(s["score_sq"] / n_resp - (s["score"] / n_resp) ** 2, 0.0)),
                    kl_coef=kl_coef, entropy=s["entropy"] / n_tok_all, **{k: s[k] / n_updates for k in mb},
-                   explained_var=(1.0 - var_err / var_ret) if var_ret > 0 else float("nan"),
                    resp_len=n_tok_all / n_resp, ended=s["ended"] / n_resp, n_responses=int(n_resp),
                    logprob_diff=all_reduce_max(logprob_diff.double()).item(), tok_per_s=n_tok_all / dt,
                    t_rollout=t_rollout, t_learn=t_learn)
         rec["ratio_var"] = rec.pop("ratio_sq") - rec["ratio_mean"] ** 2
-        print0(f"step {step}/{cfg.max_iters} | " + " | ".join(f"{k} {rec[k]:.4g}" for k in SHOWN)
+        if critic:
+            var_ret, var_err = (s[k + "_sq"] / n_tok_all - (s[k] / n_tok_all) ** 2 for k in ("ret", "err"))
+            rec["explained_var"] = (1.0 - var_err / var_ret) if var_ret > 0 else float("nan")
+        print0(f"step {step}/{cfg.max_iters} | " + " | ".join(f"{k} {rec[k]:.4g}" for k in SHOWN if k in rec)
                + f" | {dt:.2f}s (rollout {100 * t_rollout / dt:.0f}%)")
         log.write(rec)
 
@@ -416,6 +493,9 @@ def main(argv):
             evaluate(step)
         if done or (cfg.ckpt_interval > 0 and step % cfg.ckpt_interval == 0):
             save(step)
+        if step in snapshots and rt.master:
+            save_snapshot(cfg.out_dir, step, model=policy.state_dict(), model_args=model_args, config=asdict(cfg),
+                          script="train_ppo.py", **tok.checkpoint_entries())
         if done:
             break
 

@@ -62,8 +62,8 @@ import torch
 import kernels
 from nanopost.common import (RunLog, UserError, all_reduce_sum, assert_in_sync, build_model, check_finite,
                              check_model_finite, entry, format_eta, get_rng_state, knob, load_checkpoint, load_weights,
-                             lock_out_dir, parse_config, print0, resume_config, save_checkpoint, set_rng_state,
-                             setup_runtime, sync_grads, teardown, validate)
+                             lock_out_dir, parse_config, parse_steps, print0, resume_config, save_checkpoint,
+                             save_snapshot, set_rng_state, setup_runtime, sync_grads, teardown, validate)
 from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_prompts, pack,
                            sft_example, spread_windows, windows)
 from nanopost.evaluate import heldout_losses, mean_loss, spread, task_eval
@@ -121,6 +121,8 @@ class Config:
                              ge=0)
     eval_temperature: float = knob(1.0, "sampling temperature for the task eval", gt=0)
     max_new_tokens: int = knob(32, "response length limit for the task eval", ge=1)
+    snapshot_steps: str = knob("", "comma-separated steps at which to also keep out_dir/snap/step_<n>.pt (the "
+                                   "model alone: a training trajectory to evaluate later)")
 
 
 # a resume may change any other knob (max_iters, learning rates, intervals, coefficients); these define the run
@@ -183,6 +185,7 @@ def main(argv):
     if cfg.packing and stage == "pretrain":
         raise UserError(f"--packing=true --data={cfg.data}: packing is for conversations; pretraining windows of "
                         f"the corpus stream have no padding to remove")
+    snapshots = parse_steps(cfg.snapshot_steps, "snapshot_steps")
     if ckpt is None and (cfg.n_embd % (2 * cfg.n_head)):
         raise UserError(f"--n_embd={cfg.n_embd} --n_head={cfg.n_head}: the head size n_embd/n_head must be even "
                         f"(rotary positions rotate pairs of channels)")
@@ -426,6 +429,9 @@ def main(argv):
             record = evaluate(step)
             check_finite(step, ckpt_path, val_loss=record["val_loss"])
             save(step)
+        if rt.master and step in snapshots:
+            save_snapshot(cfg.out_dir, step, model=raw_model.state_dict(), model_args=model_args, config=asdict(cfg),
+                          script="train_sft.py", **tok.checkpoint_entries())
 
     # ------------------------------------------------------------------------------------------------------------
     # summary: forgetting on each pretraining skill, before vs after this run

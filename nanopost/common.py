@@ -303,6 +303,25 @@ def save_checkpoint(path, obj):
         raise
 
 
+def parse_steps(text, knob):
+    """--snapshot_steps=10,20,40 -> {10, 20, 40}: the steps at which a script keeps a snapshot."""
+    try:
+        steps = {int(s) for s in text.split(",") if s.strip()}
+    except ValueError:
+        raise UserError(f"--{knob}={text}: expected comma-separated step numbers, e.g. 10,20,40") from None
+    if any(s < 1 for s in steps):
+        raise UserError(f"--{knob}={text}: steps start at 1")
+    return steps
+
+
+def save_snapshot(out_dir, step, **entries):
+    """out_dir/snap/step_<step>.pt, atomically: the model and what reading it needs (model_args, config,
+    tokenizer), no optimizer or RNG state. A point of the training trajectory to evaluate, not a resume point."""
+    path = os.path.join(out_dir, "snap", f"step_{step}.pt")
+    save_checkpoint(path, dict(entries, step=step))
+    return path
+
+
 def load_checkpoint(path, device="cpu"):
     """A checkpoint's dict. A folder is a Hugging Face GPT-2 checkpoint, read as one (nanopost.gpt2)."""
     if os.path.isdir(path):

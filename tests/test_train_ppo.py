@@ -6,6 +6,7 @@ import math
 import os
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,3 +313,99 @@ def test_your_prompts_and_reward_are_what_the_evaluation_scores(tiny_ckpt, ppo_m
     assert all(r["reward"] == 1.0 and "accuracy" not in r for r in evals)  # your reward, not the verifier's
     assert all(r["score"] == 0.0 for r in read_log(out, "train"))  # training drew only the 18 strings
     assert "eval before -> after: reward 1.0000 -> 1.0000" in printed
+
+
+# -----------------------------------------------------------------------------
+# critic-free advantages: GRPO and RLOO
+
+
+def test_grpo_and_rloo_advantages_hand_computed():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # two groups of 4
+    # group 1: mean 0.5, sample std sqrt(4 * 0.25 / 3) = 0.57735; group 2: all equal -> no signal
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    torch.testing.assert_close(train_ppo.grpo_advantages(scores, 4),
+                               torch.tensor([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0]))
+    # leave-one-out: 1 - mean(0, 0, 1) = 2/3; 0 - mean(1, 0, 1) = -2/3; a constant group -> 0
+    torch.testing.assert_close(train_ppo.rloo_advantages(scores, 4),
+                               torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0.0, 0.0, 0.0, 0.0]))
+    # groups of 3: 3 - mean(1, 2) = 1.5; 1 - mean(3, 2) = -1.5; 2 - mean(3, 1) = 0; 0 - mean(0, 6) = -3
+    torch.testing.assert_close(train_ppo.rloo_advantages(torch.tensor([3.0, 1.0, 2.0, 0.0, 0.0, 6.0]), 3),
+                               torch.tensor([1.5, -1.5, 0.0, -3.0, -3.0, 6.0]))
+
+
+E_REWARD = "def reward(prompts, responses):\n    return [float(r.count('e')) for r in responses]\n"
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_critic_free_builds_no_value_model_and_learns(advantage, tiny_ckpt, ppo_main, read_log, tmp_path,
+                                                      monkeypatch):
+    # a reward the random model can climb (the letter e, ~2 per response at the start): 20 iterations at lr 1e-2
+    # took the mean from ~2 to 5.8 (rloo) and 8.8 (grpo); the same run at lr 1e-3 does not move
+    (tmp_path / "e_reward.py").write_text(E_REWARD)
+
+    def no_value_model(*args, **kw):
+        raise AssertionError("a value model was built for a critic-free run")
+    monkeypatch.setattr(train_ppo, "ValueModel", no_value_model)
+    out = tmp_path / advantage
+    ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=0",
+              "--batch_size=16", "--learning_rate=1e-2", f"--advantage={advantage}", "--group_size=4",
+              f"--reward_fn={tmp_path / 'e_reward.py'}:reward"])
+    recs = read_log(out, "train")
+    first, last = (sum(r["score"] for r in rs) / 5 for rs in (recs[:5], recs[-5:]))
+    assert last > 1.5 * first, f"mean score {first:.2f} -> {last:.2f}"
+    assert all("v_loss" not in r and "explained_var" not in r for r in recs)
+    assert all(("kl_loss" in r) == (advantage == "grpo") for r in recs)  # grpo's KL is in the loss
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert not {"value_model", "value_model_args", "value_optimizer"} & set(ckpt)
+    assert ckpt["config"]["advantage"] == advantage and ckpt["config"]["group_size"] == 4
+
+
+def test_groups_are_adjacent_samples_of_one_prompt(tiny_ckpt, ppo_main, read_log, tmp_path):
+    # the reward function records the prompts it is shown: batch_size counts responses, so 12 responses in
+    # groups of 3 are 4 distinct prompts per iteration, each three times in a row
+    seen = tmp_path / "seen.jsonl"
+    (tmp_path / "record.py").write_text(
+        "import json\ndef reward(prompts, responses):\n"
+        f"    open({str(seen)!r}, 'a').write(json.dumps(prompts) + '\\n')\n    return [0.0] * len(prompts)\n")
+    ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'g'}", "--max_iters=2", "--eval_prompts=0",
+              "--batch_size=12", "--advantage=rloo", "--group_size=3", f"--reward_fn={tmp_path / 'record.py'}:reward"])
+    batches = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(batches) == 2
+    for prompts in batches:
+        groups = [prompts[i:i + 3] for i in range(0, 12, 3)]
+        assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 4
+    assert all(r["n_responses"] == 12 for r in read_log(tmp_path / "g", "train"))
+
+
+def test_grpo_resumes_exactly_and_keeps_snapshots(tiny_ckpt, ppo_main, read_log, copy_run, tmp_path):
+    knobs = [f"--init_from={tiny_ckpt}", "--eval_interval=0", "--ckpt_interval=0", "--advantage=grpo",
+             "--group_size=4", "--missing_eos_penalty=0.5", "--kl_coef=0.1", "--snapshot_steps=1,3",
+             "--eval_prompts=0"]
+    straight, half = tmp_path / "straight", tmp_path / "half"
+    ppo_main(knobs + [f"--out_dir={straight}", "--max_iters=4"])
+    ppo_main(knobs + [f"--out_dir={half}", "--max_iters=2"])
+    split = Path(copy_run(half, tmp_path / "split"))  # this process still holds half's lock
+    ppo_main(knobs + [f"--out_dir={split}", "--max_iters=4", "--init_from=resume"])
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}
+    assert [strip(r) for r in read_log(split, "train")] == [strip(r) for r in read_log(straight, "train")]
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, split))
+    for name, w in a["model"].items():
+        torch.testing.assert_close(b["model"][name], w, rtol=0, atol=0, msg=name)
+    assert sorted(os.listdir(straight / "snap")) == ["step_1.pt", "step_3.pt"]
+    snap_model, snap = load_model(str(straight / "snap" / "step_3.pt"))  # loads like any checkpoint
+    assert snap["step"] == 3 and "optimizer" not in snap
+    with pytest.raises(UserError, match="advantage 'grpo' -> 'gae'"):  # the value model is not there to resume
+        ppo_main(knobs + [f"--out_dir={split}", "--max_iters=5", "--init_from=resume", "--advantage=gae"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--advantage=rloo"], "--advantage=rloo: needs --group_size >= 2"),
+    (["--group_size=3"], "into groups of --group_size=3 (a group stays on one rank)"),
+    (["--advantage=grpo", "--group_size=2", "--kl_estimator=full"], "grpo puts the k3 KL estimate in the loss"),
+    (["--advantage=grpo", "--group_size=2", "--whiten_rewards=true"], "only for --advantage=gae"),
+    (["--snapshot_steps=5,x"], "--snapshot_steps=5,x: expected comma-separated step numbers"),
+])
+def test_critic_free_bad_knobs_are_one_line(args, message, tiny_ckpt, ppo_main, tmp_path):
+    with pytest.raises(UserError, match=re.escape(message)):
+        ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'x'}", "--max_iters=1"] + args)
+    assert not (tmp_path / "x").exists()

@@ -259,3 +259,16 @@ def test_pretrain_on_your_corpus_with_your_tokenizer(sft_main, ppo_main, read_lo
     # (the built-in prompts take 30 of the 32 positions in this tokenizer, trained on a sonnet)
     ppo_main([f"--init_from={out / 'ckpt.pt'}", f"--out_dir={tmp_path / 'ppo'}", "--max_iters=1", "--max_new_tokens=2"])
     assert torch.load(tmp_path / "ppo" / "ckpt.pt", weights_only=True)["tokenizer_bpe"] == ckpt["tokenizer_bpe"]
+
+
+def test_snapshot_steps_keep_the_model_along_training(base, sft_main, tmp_path):
+    out = tmp_path / "snaps"
+    sft_main(["--data=sft", f"--init_from={base[0]}/ckpt.pt", f"--out_dir={out}", "--max_iters=3",
+              "--snapshot_steps=2,3,9", "--eval_prompts=0"])
+    assert sorted(os.listdir(out / "snap")) == ["step_2.pt", "step_3.pt"]  # 9 is past the end
+    final, snap = (torch.load(p, weights_only=True) for p in (out / "ckpt.pt", out / "snap" / "step_3.pt"))
+    assert snap["step"] == 3 and snap["script"] == "train_sft.py" and "optimizer" not in snap
+    for name, w in final["model"].items():
+        torch.testing.assert_close(snap["model"][name], w, rtol=0, atol=0, msg=name)
+    step2 = torch.load(out / "snap" / "step_2.pt", weights_only=True)["model"]
+    assert any(not torch.equal(step2[n], w) for n, w in final["model"].items()), "step 2 is not step 3"

@@ -1,0 +1,456 @@
+"""
+The thesis study: does PPO forget less than SFT at matched accuracy, and is it the KL anchor or the on-policy data?
+
+    python -m nanopost.thesis --seeds=0,1,2,3,4   # the full study: ~34 CPU-min per seed, predicted from a pilot
+    OMP_NUM_THREADS=1 python -m nanopost.thesis ...  # on a shared machine (2 threads on busy cores spun 40x slower)
+    python -m nanopost.thesis --seeds=0 --ppo_iters=80 --ppo_snapshot_every=10 --rft_rounds=10 --rft_k=4 \
+        --rft_epochs=4 --k=4 --n_prompts=16 --max_docs=32 --match_acc=0.1,0.3,0.5 --readme_plot=false  # a pilot
+
+"Retaining by Doing" (Chen, Razin, Narasimhan & Chen 2025) finds RL's retention comes from on-policy data, not
+from the KL regularizer or the advantage estimator; RL's Razor (Shenfeld, Pari & Agrawal 2025) finds forgetting
+tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). From the one shared base model
+(out/base, as nanopost.experiment trains it), per seed:
+
+    sft      train_sft.py on the narrow demonstrator (N+0=N): off-policy data, no anchor
+    ppo      train_ppo.py: GAE with a value model, KL anchor kl_coef=0.05 in the reward
+    ppo_kl0  the same with kl_coef=0: the anchor removed, everything else equal
+    grpo     train_ppo.py --advantage=grpo: no critic, group baseline, KL anchor in the loss
+    rft      rejection-sampling fine-tuning: rounds of "sample k answers per training prompt from the latest
+             model, keep the verified ones (world.score == 1), train_sft.py on them for rft_epochs passes": on-policy
+             data, no policy gradient, no anchor. Every verified sample is kept, duplicates too: SFT then fits
+             pi(y | x, correct), the policy's own distribution restricted to right answers, the KL-closest correct
+             policy that RL's Razor's "oracle SFT" approximates. A round's steps follow its data (epochs, not a
+             fixed count): the base gets ~1% right, and 30 steps of 32 on its 13 verified samples (a pilot) were
+             ~70 passes over them, memorising rather than staying on-policy. Each round is a fresh train_sft.py run,
+             so Adam restarts every round; at SFT's 1e-3 its first sign-like steps forgot +0.12 nats in a 2-step
+             round that learned nothing (pilot), so rft steps at PPO's constant 1e-4, the same optimizer scale.
+
+Every run keeps snapshots along training (--snapshot_steps of the scripts), and every snapshot is evaluated with
+nanopost.evaluate: one trajectory (accuracy, forgetting = mean Δ held-out loss, KL(base || pi)) per run. Methods
+are compared at matched accuracy by linear interpolation along each trajectory (first crossing), per seed, then
+as a mean with a 95% bootstrap interval over seeds. Writes out/thesis/report.md, results.json and curves.png.
+
+Diversity against the optimum: the KL-regularised objective max E[r] - beta KL(pi || ref) is maximised by
+pi* ∝ ref * exp(r / beta) (e.g. Rafailov et al. 2023, eq. 4). The task makes it computable: the valid answers to
+target N are a+b=N for a = 0..N, each scored under the reference; pi* keeps the reference's relative odds among
+them. We report, per prompt, the mass on valid answers other than the demonstrator's N+0=N under pi and pi*.
+"""
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from nanopost.common import UserError, entry, knob, load_model, parse_config, resolve_device
+from nanopost.evaluate import _eval_mode, evaluate_checkpoints, spread
+from nanopost.experiment import ROOT, pearson, run_stage
+from nanopost.rollout import response_logprobs, rollout
+from nanopost.tokenizer import from_checkpoint
+from nanopost.world import demonstrate, load_world
+
+METHODS = ["sft", "ppo", "ppo_kl0", "grpo", "rft"]
+COLORS = dict(sft="tab:red", ppo="tab:blue", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange")
+PAPER_R2 = dict(toy=0.96, llm=0.71)  # RL's Razor: forgetting against KL(base || pi), R^2
+
+
+# -----------------------------------------------------------------------------
+# statistics: small, pure, tested on hand values
+
+def bootstrap_ci(xs, level=0.95, n_boot=10000, seed=0):
+    """Mean of xs and its percentile bootstrap interval (Efron & Tibshirani 1993): resample xs with replacement
+    n_boot times, take the (1-level)/2 and (1+level)/2 percentiles of the resampled means. Seeded: the same
+    sample gives the same interval. -> (mean, lo, hi); one value gives a zero-width interval."""
+    x = np.asarray(xs, dtype=np.float64)
+    assert x.ndim == 1 and len(x) > 0, "bootstrap_ci needs a non-empty list of numbers"
+    means = x[np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))].mean(1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def value_at(curve, x):
+    """y where a trajectory first reaches x: curve = [(x, y), ...] in training order, linear between the two
+    points whose x bracket it. None if it never does (interpolation only, never extrapolation)."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if min(x0, x1) <= x <= max(x0, x1):
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if len(curve) == 1 and curve[0][0] == x:
+        return curve[0][1]
+    return None
+
+
+def r_squared(xs, ys):
+    """R^2 of the least-squares line y = a + b x: for one predictor, the squared Pearson r. None if undefined."""
+    r = pearson(xs, ys)
+    return None if r is None else r * r
+
+
+# -----------------------------------------------------------------------------
+# diversity, measured against the KL-regularised optimum
+
+def valid_answers(n):
+    """Every answer the verifier accepts to target n, written canonically: a+b=n for a = 0..n."""
+    return [f"{a}+{n - a}={n}" for a in range(n + 1)]
+
+
+@torch.no_grad()
+def answer_logprobs(model, tok, prompt, answers, device="cpu"):
+    """log pi(answer, then <|endoftext|> | prompt) of each answer's own tokenization -> (len(answers),) float64.
+    A sample could spell the same string with other tokens, so this is a lower bound on the string's mass."""
+    p = tok.encode_prompt(prompt)
+    resp = [tok.encode(a) + [tok.eot_id] for a in answers]
+    N = max(len(r) for r in resp)
+    tokens = torch.tensor([p + r + [tok.eot_id] * (N - len(r)) for r in resp], device=device)  # (A, P+N)
+    mask = torch.tensor([[True] * (len(p) + len(r)) + [False] * (N - len(r)) for r in resp], device=device)
+    with _eval_mode(model):
+        logp, _ = response_logprobs(model, tokens, mask, len(p))  # (A, N)
+    return torch.where(mask[:, len(p):], logp, 0.0).sum(1).double().cpu()
+
+
+def optimum_masses(ref_logp, pi_logp, demo, beta):
+    """Mass on valid answers, and on valid answers other than index `demo`, under pi and under the optimum
+    pi* ∝ ref * exp(r / beta) with r = 1 on every valid answer and 0 elsewhere: pi*(y) = ref(y) e^(r/beta) / Z,
+    Z = e^(1/beta) ref(valid) + (1 - ref(valid)). ref_logp, pi_logp: log-probs of the valid answers (A,)."""
+    ref, pi = ref_logp.double().exp(), pi_logp.double().exp()
+    ref_valid = float(ref.sum())
+    boost = math.exp(min(1.0 / beta, 700.0))  # e^(1/beta); beyond e^700 it overflows and pi* is all valid anyway
+    Z = boost * ref_valid + (1.0 - ref_valid)
+    return dict(pi_valid=float(pi.sum()), pi_other=float(pi.sum() - pi[demo]),
+                opt_valid=boost * ref_valid / Z, opt_other=boost * (ref_valid - float(ref[demo])) / Z)
+
+
+def diversity_vs_optimum(model, ref_model, tok, world, prompts, beta, device="cpu"):
+    """optimum_masses averaged over prompts, plus the share of the valid mass off the demonstrator's answer
+    (other / valid) under pi and pi*: how far a policy is from the diversity its objective asks for."""
+    rows = []
+    for prompt in prompts:
+        answers = valid_answers(world.parse_target(prompt))
+        demo = answers.index(demonstrate(prompt))
+        rows.append(optimum_masses(answer_logprobs(ref_model, tok, prompt, answers, device),
+                                   answer_logprobs(model, tok, prompt, answers, device), demo, beta))
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    out["pi_other_share"] = sum(r["pi_other"] / max(r["pi_valid"], 1e-300) for r in rows) / len(rows)
+    out["opt_other_share"] = sum(r["opt_other"] / max(r["opt_valid"], 1e-300) for r in rows) / len(rows)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# rft: on-policy data from the model's own verified samples
+
+def verified(world, prompts, responses, ended):
+    """The (prompt, response) pairs the verifier rewards (valid and ended): rejection sampling's accept step."""
+    return [(p, r) for p, r, e in zip(prompts, responses, ended) if world.score(p, r, bool(e)) == 1.0]
+
+
+@torch.no_grad()
+def write_rft_data(ckpt_path, out_path, k, seed, max_new_tokens=16, temperature=1.0, device="cpu", batch=256):
+    """Sample k responses per training prompt (world.ppo_prompts) from the checkpoint, keep the verified ones, and
+    write them as a prompt/completion JSONL for train_sft.py --data. -> (kept, sampled)."""
+    model, ckpt = load_model(ckpt_path, device)
+    tok = from_checkpoint(ckpt, ckpt_path)
+    world = load_world(seed=(ckpt.get("config") or {}).get("world_seed", 0))
+    flat = [p for p in world.ppo_prompts for _ in range(k)]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kept = []
+    with _eval_mode(model):
+        for i in range(0, len(flat), batch):
+            ro = rollout(model, tok, flat[i:i + batch], max_new_tokens, temperature=temperature, generator=gen)
+            kept += verified(world, ro.prompts, ro.responses, ro.ended.tolist())
+    # shuffled, so train_sft.py's held-out last tenth spans every target rather than the last few
+    order = np.random.default_rng(seed).permutation(len(kept))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        for i in order:
+            f.write(json.dumps(dict(prompt=kept[i][0], completion=kept[i][1])) + "\n")
+    os.replace(tmp, out_path)
+    return len(kept), len(flat)
+
+
+# -----------------------------------------------------------------------------
+# the study
+
+@dataclass
+class Config:
+    out_dir: str = knob("out", "base/ is read (or trained) here; runs go to thesis/s<seed>/<method>/")
+    seeds: str = knob("0,1,2,3,4", "comma-separated training seeds (the base model is shared by all)")
+    sft_iters: int = knob(150, "train_sft.py --max_iters of sft (150: the 98% model that collapses)", ge=1)
+    sft_snapshots: str = knob("2,4,6,8,10,12,16,20,30,50,100", "sft steps kept as trajectory points (dense early: "
+                                                              "SFT passes PPO's accuracy within ~10 steps)")
+    ppo_iters: int = knob(200, "train_ppo.py --max_iters of ppo, ppo_kl0 and grpo", ge=1)
+    ppo_snapshot_every: int = knob(20, "keep a ppo/ppo_kl0/grpo snapshot every this many iterations", ge=1)
+    kl_coef: float = knob(0.05, "the anchor of ppo and grpo (train_ppo.py's default); beta of pi*", gt=0)
+    group_size: int = knob(8, "grpo: responses per prompt (64 responses per iteration = 8 prompts x 8)", ge=2)
+    rft_rounds: int = knob(8, "rft: rounds of sample -> filter -> SFT, each from the latest model; each round's "
+                              "model is a trajectory point", ge=1)
+    rft_k: int = knob(8, "rft: samples per training prompt per round", ge=1)
+    rft_epochs: float = knob(2.0, "rft: passes over a round's verified samples (its steps = epochs * kept / batch)",
+                             gt=0)
+    rft_batch: int = knob(16, "rft: train_sft.py --batch_size", ge=1)
+    rft_lr: float = knob(1e-4, "rft: constant learning rate, no warmup (train_ppo.py's policy lr)", gt=0)
+    match_acc: str = knob("0.5,0.8", "accuracies at which methods are compared along their trajectories")
+    k: int = knob(8, "evaluation: samples per held-out prompt")
+    n_prompts: int = knob(24, "evaluation: held-out task prompts")
+    max_new_tokens: int = knob(32, "evaluation: response length limit")
+    eval_seed: int = knob(0, "evaluation: sampling seed")
+    max_docs: int = knob(64, "evaluation: held-out documents per pretraining skill")
+    n_boot: int = knob(10000, "bootstrap resamples per interval", ge=100)
+    device: str = knob("auto", "cpu, cuda, or auto (passed to the training scripts too)")
+    force: bool = knob(False, "rerun stages whose checkpoint already exists")
+    readme_plot: bool = knob(True, "also copy the curves to .assets/thesis.png, the README's figure (off for a pilot)")
+
+
+def _snaps(out_dir, final_step):
+    """[(step, path)] of a run's snapshots and its final checkpoint, in training order."""
+    snap = os.path.join(out_dir, "snap")
+    steps = sorted(int(n[5:-3]) for n in os.listdir(snap) if n.startswith("step_") and n.endswith(".pt")) \
+        if os.path.isdir(snap) else []
+    return [(s, os.path.join(snap, f"step_{s}.pt")) for s in steps if s < final_step] + \
+        [(final_step, os.path.join(out_dir, "ckpt.pt"))]
+
+
+def run_seed(cfg, base, seed):
+    """Train the five methods of one seed (skipping finished stages) -> {method: [(step, ckpt path)]}."""
+    d = os.path.join(cfg.out_dir, "thesis", f"s{seed}")
+    common = [f"--seed={seed}", f"--device={cfg.device}"]
+    runs = {}
+    out = os.path.join(d, "sft")
+    run_stage(cfg, f"sft seed={seed}", "train_sft.py", ["--data=sft", f"--init_from={base}",
+              f"--max_iters={cfg.sft_iters}", f"--snapshot_steps={cfg.sft_snapshots}"] + common, out, inputs=[base])
+    runs["sft"] = _snaps(out, cfg.sft_iters)
+    every = ",".join(str(s) for s in range(cfg.ppo_snapshot_every, cfg.ppo_iters, cfg.ppo_snapshot_every))
+    ppo = [f"--init_from={base}", f"--max_iters={cfg.ppo_iters}", "--max_minutes=0", f"--snapshot_steps={every}"]
+    for method, extra in (("ppo", [f"--kl_coef={cfg.kl_coef}"]), ("ppo_kl0", ["--kl_coef=0"]),
+                          ("grpo", [f"--kl_coef={cfg.kl_coef}", "--advantage=grpo", f"--group_size={cfg.group_size}"])):
+        out = os.path.join(d, method)
+        run_stage(cfg, f"{method} seed={seed}", "train_ppo.py", ppo + extra + common, out, inputs=[base])
+        runs[method] = _snaps(out, cfg.ppo_iters)
+    runs["rft"], latest, step = [], base, 0
+    for r in range(cfg.rft_rounds):
+        out = os.path.join(d, "rft", f"round{r}")
+        data = os.path.join(out + "_samples.jsonl")
+        if cfg.force or not os.path.isfile(data) or os.path.getmtime(data) < os.path.getmtime(latest):
+            t0 = time.time()
+            kept, n = write_rft_data(latest, data, cfg.rft_k, seed=seed * 1000 + r, device=resolve_device(cfg.device))
+            print(f"stage rft seed={seed} round {r} | sampled {n} | kept {kept} verified | {time.time() - t0:.0f}s",
+                  flush=True)
+        with open(data) as f:
+            kept = sum(1 for line in f if line.strip())
+        if not kept:
+            print(f"stage rft seed={seed} round {r} | no verified sample: rft stops here", flush=True)
+            break
+        iters = max(1, math.ceil(cfg.rft_epochs * kept / cfg.rft_batch))
+        latest = run_stage(cfg, f"rft seed={seed} round {r}", "train_sft.py",
+                           [f"--data={data}", f"--init_from={latest}", f"--max_iters={iters}",
+                            f"--batch_size={cfg.rft_batch}", f"--learning_rate={cfg.rft_lr}", "--lr_decay=false",
+                            "--warmup_iters=0"] + common, out, inputs=[latest, data])
+        step += iters
+        runs["rft"].append((step, latest))
+    return runs
+
+
+def trajectory(points, key="dloss_mean"):
+    """[(accuracy, metric)] along a run, starting at the base."""
+    return [(m["accuracy"], m[key]) for _, m in points]
+
+
+def summarize(cfg, runs, results):
+    """Per-run numbers and per-method means with bootstrap intervals; comparisons at matched accuracy."""
+    levels = [float(a) for a in cfg.match_acc.split(",") if a.strip()]
+    base_m = results["base"]
+    per_run = {}  # (method, seed) -> dict
+    for (method, seed), pts in runs.items():
+        traj = [(0, base_m)] + [(s, results[p]) for s, p in pts]
+        final = traj[-1][1]
+        row = dict(acc=final["accuracy"], forgetting=final["dloss_mean"], kl=final["kl_base"],
+                   distinct_valid=final["distinct_valid"], steps=[s for s, _ in traj],
+                   curve=trajectory(traj), kl_curve=trajectory(traj, "kl_base"))
+        row.update({k: final[k] for k in final if k.startswith(("pi_", "opt_"))})
+        for a in levels:
+            row[f"forgetting@{a}"] = value_at(row["curve"], a)
+            row[f"kl@{a}"] = value_at(row["kl_curve"], a)
+        per_run[(method, seed)] = row
+    return per_run, levels
+
+
+def method_table(per_run, levels, seeds, n_boot):
+    """Markdown rows: per method, mean [95% CI] over seeds of each final metric and of forgetting at each level."""
+    keys = ["acc", "forgetting", "kl", "distinct_valid", "pi_other_share"] + \
+        [f"forgetting@{a}" for a in levels] + [f"kl@{a}" for a in levels]
+    head = ["method", "runs"] + keys
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in METHODS:
+        rows = [per_run[(method, s)] for s in seeds if (method, s) in per_run]
+        if not rows:
+            continue
+        cells = [method, str(len(rows))]
+        for k in keys:
+            xs = [r[k] for r in rows if r.get(k) is not None]
+            if not xs:
+                cells.append("-")
+                continue
+            m, lo, hi = bootstrap_ci(xs, n_boot=n_boot)
+            n = "" if len(xs) == len(rows) else f" (n={len(xs)})"
+            cells.append(f"{m:.3f} [{lo:.3f}, {hi:.3f}]{n}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_differences(per_run, levels, seeds, n_boot):
+    """The three questions, as per-seed differences in forgetting at matched accuracy (positive = the first
+    method forgets more), mean and 95% bootstrap interval over the seeds where both runs reach the level."""
+    pairs = [("sft", "ppo", "does PPO forget less than SFT?"), ("ppo_kl0", "ppo", "does removing the anchor matter?"),
+             ("rft", "sft", "does on-policy SFT forget less than SFT?"), ("rft", "ppo", "does rft retain like PPO?"),
+             ("grpo", "ppo", "critic-free vs PPO")]
+    lines = []
+    for a, b, question in pairs:
+        for lvl in levels:
+            key = f"forgetting@{lvl}"
+            d = [per_run[(a, s)][key] - per_run[(b, s)][key] for s in seeds if (a, s) in per_run and (b, s) in
+                 per_run and per_run[(a, s)][key] is not None and per_run[(b, s)][key] is not None]
+            if not d:
+                lines.append(f"- {a} − {b} at acc {lvl} ({question}): no seed where both reach it")
+                continue
+            m, lo, hi = bootstrap_ci(d, n_boot=n_boot)
+            lines.append(f"- {a} − {b} at acc {lvl} ({question}): {m:+.3f} [{lo:+.3f}, {hi:+.3f}] nats/token, "
+                         f"{len(d)} seed(s)")
+    return lines
+
+
+def plot_curves(per_run, path):
+    """RL's Razor's figure: forgetting against accuracy along training, faint per-seed lines, one colour per
+    method, and the mean over seeds on an accuracy grid where every seed's trajectory reaches."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method in METHODS:
+        curves = [r["curve"] for (m, _), r in per_run.items() if m == method]
+        if not curves:
+            continue
+        for c in curves:
+            ax.plot(*zip(*c), color=COLORS[method], alpha=0.3, lw=0.8, marker=".", ms=3)
+        grid = np.linspace(0.0, 1.0, 101)
+        mean = [(g, np.mean(ys)) for g in grid if None not in (ys := [value_at(c, g) for c in curves])]
+        if mean:
+            ax.plot(*zip(*mean), color=COLORS[method], lw=2.2, label=f"{method} (mean of {len(curves)})")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_xlabel("new-task accuracy (held-out prompts)")
+    ax.set_ylabel("forgetting: mean Δ held-out loss vs base (nats/token)")
+    ax.set_title("forgetting along training, per method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def kl_lines(per_run):
+    """RL's Razor's claim: does forgetting follow KL(base || pi)? Over final runs and over every trajectory point."""
+    lines = []
+    finals = list(per_run.values())
+    points = [(kl, f) for r in finals for (_, kl), (_, f) in zip(r["kl_curve"][1:], r["curve"][1:])]
+    for what, xs, ys in (("final checkpoints", [r["kl"] for r in finals], [r["forgetting"] for r in finals]),
+                         ("every trajectory point", [p[0] for p in points], [p[1] for p in points])):
+        r = pearson(xs, ys)
+        lines.append(f"- forgetting vs KL(base‖π) over {len(xs)} {what}: " + (
+            "undefined" if r is None else f"Pearson r {r:+.3f}, R² {r * r:.3f}") +
+            f" (RL's Razor: R² {PAPER_R2['toy']} toy, {PAPER_R2['llm']} LLMs)")
+    return lines
+
+
+def main(argv):
+    cfg, _ = parse_config(Config, argv=argv)
+    try:
+        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+        [float(a) for a in cfg.match_acc.split(",") if a.strip()]
+    except ValueError:
+        raise UserError(f"--seeds={cfg.seeds} --match_acc={cfg.match_acc}: expected comma-separated numbers") from None
+    if not seeds:
+        raise UserError(f"--seeds={cfg.seeds}: no seed given")
+    t0 = time.time()
+    base = os.path.join(cfg.out_dir, "base", "ckpt.pt")
+    if not os.path.isfile(base):  # the experiment's own base stage: the same command, so both share it
+        run_stage(cfg, "base", "train_sft.py", ["--data=pretrain", "--eval_prompts=0", f"--device={cfg.device}"],
+                  os.path.dirname(base))
+    times = {}
+    runs = {}
+    for seed in seeds:
+        t = time.time()
+        for method, pts in run_seed(cfg, base, seed).items():
+            runs[(method, seed)] = pts
+        times[f"train s{seed}"] = time.time() - t
+
+    # evaluate every trajectory point once; results are cached by path and modification time
+    device = resolve_device(cfg.device)
+    thesis_dir = os.path.join(cfg.out_dir, "thesis")
+    cache_path = os.path.join(thesis_dir, "evals.json")
+    cache = json.load(open(cache_path)) if os.path.isfile(cache_path) and not cfg.force else {}
+    eval_kw = dict(k=cfg.k, n_prompts=cfg.n_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed,
+                   max_docs=cfg.max_docs)
+    stamp = lambda p: f"{p}@{os.path.getmtime(p)}@{json.dumps(eval_kw, sort_keys=True)}"
+    paths = [base] + [p for pts in runs.values() for _, p in pts]
+    todo = [p for p in paths[1:] if stamp(p) not in cache]
+    t = time.time()
+    if todo or stamp(base) not in cache:
+        fresh = evaluate_checkpoints(base, todo, device=device, **eval_kw)
+        cache.update({stamp(p): m for p, m in fresh.items()})
+    results = {p: cache[stamp(p)] for p in paths}
+    # diversity against pi* for every final checkpoint (and the base): exact masses, not samples
+    base_model, base_ckpt = load_model(base, device)
+    tok = from_checkpoint(base_ckpt, base)
+    world = load_world(seed=(base_ckpt.get("config") or {}).get("world_seed", 0))
+    prompts = spread(world.eval_prompts, cfg.n_prompts)
+    for p in [base] + [pts[-1][1] for pts in runs.values()]:
+        if "pi_other" not in results[p]:
+            model, _ = load_model(p, device)
+            results[p].update(diversity_vs_optimum(model, base_model, tok, world, prompts, cfg.kl_coef, device))
+    os.makedirs(thesis_dir, exist_ok=True)
+    with open(cache_path, "w") as f:
+        json.dump(cache, f)
+    times["eval"] = time.time() - t
+    results["base"] = results[base]
+
+    per_run, levels = summarize(cfg, runs, results)
+    png = os.path.join(thesis_dir, "curves.png")
+    plot_curves(per_run, png)
+    if cfg.readme_plot:
+        shutil.copyfile(png, os.path.join(ROOT, ".assets", "thesis.png"))
+    b = results[base]
+    wall = time.time() - t0
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu.ru_utime + cpu.ru_stime
+    lines = ["# nanopost thesis study: the KL anchor or on-policy data?", "",
+             f"Seeds {seeds}; mean [95% bootstrap interval] over seeds ({cfg.n_boot} resamples). acc: verifier "
+             f"accuracy, {cfg.k} samples on {cfg.n_prompts} held-out prompts; forgetting: mean Δ held-out "
+             "pretraining loss vs the base (nats/token); kl: KL(base‖π) per response token; pi_other_share: share of "
+             "π's valid-answer mass off the demonstrator's N+0=N (exact, from scoring all N+1 valid answers); "
+             "forgetting@a, kl@a: interpolated where the run's trajectory first reaches accuracy a (n = runs that "
+             "reach it).", "",
+             *method_table(per_run, levels, seeds, cfg.n_boot), "",
+             f"Base: acc {b['accuracy']:.3f}, pi_other_share {b['pi_other_share']:.3f}. The optimum "
+             f"π* ∝ π_base·exp(r/β), β={cfg.kl_coef}: mass on valid answers {b['opt_valid']:.3f}, share off N+0=N "
+             f"{b['opt_other_share']:.3f}.", "",
+             "## matched accuracy, per-seed differences in forgetting", "",
+             *paired_differences(per_run, levels, seeds, cfg.n_boot), "",
+             "## forgetting against KL(base‖π)", "", *kl_lines(per_run), "",
+             "![forgetting vs accuracy along training](curves.png)", "",
+             "## time", "", f"- total {wall / 60:.1f} min wall, {cpu / 60:.1f} min training CPU (a skipped stage "
+             "counts 0); " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()), "",
+             "## config", "", "```", json.dumps(asdict(cfg), indent=1), "```", ""]
+    with open(os.path.join(thesis_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(thesis_dir, "results.json"), "w") as f:
+        json.dump(dict(config=asdict(cfg), runs={f"{m} s{s}": r for (m, s), r in per_run.items()},
+                       trajectories={f"{m} s{s}": pts for (m, s), pts in runs.items()}), f, indent=1)
+    print("\n".join(lines[:lines.index("## config")]))
+    print(f"wrote {thesis_dir}/report.md, results.json, curves.png")
+
+
+if __name__ == "__main__":
+    entry(main)

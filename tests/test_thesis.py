@@ -1,0 +1,150 @@
+"""nanopost.thesis: the statistics (bootstrap interval, interpolation at matched accuracy, R^2) and the diversity
+masses against the KL-regularised optimum on hand values; rft's accept step; the study's summary on fake runs."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from nanopost import thesis as T
+from nanopost.world import task_prompt
+
+
+def test_bootstrap_ci_on_fixed_samples():
+    assert T.bootstrap_ci([0.3] * 7) == (pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.3))
+    assert T.bootstrap_ci([2.5]) == (2.5, 2.5, 2.5)  # one value: nothing to resample
+    # two values: a resampled mean is 0 (p 1/4), 0.5 (1/2) or 1 (1/4), so the 2.5th and 97.5th percentiles of
+    # 10000 draws are 0 and 1 (a 1/4 tail is far past 2.5%)
+    assert T.bootstrap_ci([0.0, 1.0]) == (0.5, 0.0, 1.0)
+    # a 50% interval of the same: the 25th and 75th percentiles sit inside the 1/2 mass at 0.5 (or on its edge)
+    m, lo, hi = T.bootstrap_ci([0.0, 1.0], level=0.5)
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0 and hi - lo <= 0.5
+    xs = [0.1, 0.4, 0.35, 0.8, 0.2]
+    assert T.bootstrap_ci(xs, seed=3) == T.bootstrap_ci(xs, seed=3)  # seeded: reproducible
+    m, lo, hi = T.bootstrap_ci(xs)
+    assert m == pytest.approx(sum(xs) / 5) and min(xs) < lo < m < hi < max(xs)
+
+
+def test_value_at_interpolates_along_the_trajectory():
+    curve = [(0.0, 0.0), (0.4, 0.2), (0.8, 1.0)]
+    assert T.value_at(curve, 0.6) == pytest.approx(0.6)  # halfway from (0.4, 0.2) to (0.8, 1.0)
+    assert T.value_at(curve, 0.4) == pytest.approx(0.2) and T.value_at(curve, 0.0) == 0.0
+    assert T.value_at(curve, 0.9) is None and T.value_at(curve, -0.1) is None  # never extrapolated
+    # accuracy that dips: the first crossing counts, 0.5 lies on the first segment (0 -> 0.6): 0.1 * 0.5 / 0.6
+    assert T.value_at([(0.0, 0.0), (0.6, 0.1), (0.4, 0.3), (0.9, 0.5)], 0.5) == pytest.approx(0.1 * 5 / 6)
+    assert T.value_at([(0.2, 0.1), (0.2, 0.3)], 0.2) == 0.1  # a flat step: its first point
+    assert T.value_at([(0.2, 0.1)], 0.2) == 0.1 and T.value_at([(0.2, 0.1)], 0.3) is None
+
+
+def test_r_squared_hand_computed():
+    # x 1,2,3 and y 1,3,2: sxy = 1, sxx = syy = 2, r = 0.5
+    assert T.r_squared([1, 2, 3], [1, 3, 2]) == pytest.approx(0.25)
+    assert T.r_squared([1, 2, 3], [5, 5, 5]) is None
+
+
+def test_optimum_masses_hand_computed():
+    ref = torch.tensor([0.1, 0.05, 0.05]).log()  # the reference's mass on 3 valid answers, demonstrator first
+    pi = torch.tensor([0.5, 0.3, 0.1]).log()
+    m = T.optimum_masses(ref, pi, demo=0, beta=1.0)
+    Z = math.e * 0.2 + 0.8  # e^(1/beta) on the valid 0.2, 1 on the rest
+    assert m["pi_valid"] == pytest.approx(0.9) and m["pi_other"] == pytest.approx(0.4)
+    assert m["opt_valid"] == pytest.approx(0.2 * math.e / Z) and m["opt_other"] == pytest.approx(0.1 * math.e / Z)
+    # beta -> 0: pi* is the reference conditioned on valid, half of it off the demonstrator
+    m = T.optimum_masses(ref, pi, demo=0, beta=1e-4)
+    assert m["opt_valid"] == pytest.approx(1.0) and m["opt_other"] == pytest.approx(0.5)
+
+
+def test_answer_logprobs_of_a_uniform_model(tiny_gpt, tok):
+    # every next-token distribution is uniform over V: log pi(answer + eot) = -(tokens + 1) log V
+    assert T.valid_answers(3) == ["0+3=3", "1+2=3", "2+1=3", "3+0=3"]
+    answers = T.valid_answers(12)
+    lp = T.answer_logprobs(tiny_gpt(uniform=True), tok, task_prompt(12), answers)
+    want = torch.tensor([-(len(tok.encode(a)) + 1) * math.log(tok.vocab_size) for a in answers], dtype=torch.float64)
+    torch.testing.assert_close(lp, want)
+
+
+def test_diversity_vs_optimum_of_the_reference_itself(tiny_gpt, tok, world):
+    # pi = ref: pi's share of its valid mass off N+0=N equals pi*'s (pi* keeps the reference's odds among them)
+    model = tiny_gpt(seed=1)
+    d = T.diversity_vs_optimum(model, model, tok, world, [task_prompt(11), task_prompt(25, 1)], beta=0.05)
+    assert d["pi_other_share"] == pytest.approx(d["opt_other_share"]) and 0 < d["pi_other_share"] < 1
+    assert d["opt_valid"] > d["pi_valid"]  # exp(r / beta) moves mass onto the valid answers
+
+
+def test_rft_keeps_only_verified_samples(world):
+    p = task_prompt(7)
+    prompts = [p] * 6
+    responses = ["3+4=7", "3+4=7", " 7+0=7 ", "3+3=7", "03+4=7", "3+4=7."]
+    ended = [True, False, True, True, True, True]
+    assert T.verified(world, prompts, responses, ended) == [(p, "3+4=7"), (p, " 7+0=7 ")]
+
+
+def test_summary_compares_methods_at_matched_accuracy():
+    # two seeds, sft and ppo, hand-made trajectories: forgetting at acc 0.5 by interpolation from the base (0, 0)
+    def m(acc, f, kl):
+        return dict(accuracy=acc, dloss_mean=f, kl_base=kl, distinct_valid=1.0)
+    results = {"base": m(0.0, 0.0, 0.0), "a": m(1.0, 0.4, 2.0), "b": m(1.0, 0.6, 3.0), "c": m(0.5, 0.05, 0.5),
+               "d": m(0.25, 0.02, 0.2), "e": m(0.75, 0.1, 0.7)}
+    runs = {("sft", 0): [(10, "a")], ("sft", 1): [(10, "b")], ("ppo", 0): [(20, "c")],
+            ("ppo", 1): [(10, "d"), (20, "e")]}
+    cfg = T.Config(match_acc="0.5,0.9")
+    per_run, levels = T.summarize(cfg, runs, results)
+    assert per_run[("sft", 0)]["forgetting@0.5"] == pytest.approx(0.2)   # half of 0.4
+    assert per_run[("sft", 1)]["forgetting@0.5"] == pytest.approx(0.3)
+    assert per_run[("ppo", 0)]["forgetting@0.5"] == pytest.approx(0.05)
+    assert per_run[("ppo", 1)]["forgetting@0.5"] == pytest.approx(0.06)  # between 0.02 at 0.25 and 0.1 at 0.75
+    assert per_run[("ppo", 1)]["forgetting@0.9"] is None
+    lines = T.paired_differences(per_run, levels, [0, 1], n_boot=1000)
+    # sft - ppo per seed: 0.15 and 0.24, mean 0.195; the interval of two values spans them
+    assert "- sft − ppo at acc 0.5 (does PPO forget less than SFT?): +0.195 [+0.150, +0.240] nats/token, 2 seed(s)" \
+        in lines
+    assert any(line.startswith("- sft − ppo at acc 0.9") and "no seed where both reach it" in line for line in lines)
+    table = T.method_table(per_run, levels, [0, 1], n_boot=1000)
+    assert table[0].startswith("| method | runs | acc | forgetting |")
+    assert any(row.startswith("| ppo | 2 | 0.625 [0.500, 0.750] |") for row in table)
+    json.dumps(per_run[("ppo", 1)])  # results.json holds them
+
+
+def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkeypatch):
+    calls = {}
+
+    def fake_stage(cfg, name, script, args, out_dir, inputs=()):  # records the command, writes its snapshots
+        calls[name] = (script, args, list(inputs))
+        steps = next((a.split("=", 1)[1] for a in args if a.startswith("--snapshot_steps=")), "")
+        os.makedirs(os.path.join(out_dir, "snap"), exist_ok=True)
+        for s in filter(None, steps.split(",")):
+            open(os.path.join(out_dir, "snap", f"step_{s}.pt"), "w").close()
+        return os.path.join(out_dir, "ckpt.pt")
+
+    def fake_rft_data(ckpt, out_path, k, seed, device="cpu"):  # 13 verified in round 0, 40 in round 1
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        kept = 13 if seed % 1000 == 0 else 40
+        with open(out_path, "w") as f:
+            f.write((json.dumps(dict(prompt="p", completion="c")) + "\n") * kept)
+        return kept, k
+
+    monkeypatch.setattr(T, "run_stage", fake_stage)
+    monkeypatch.setattr(T, "write_rft_data", fake_rft_data)
+    cfg = T.Config(out_dir=str(tmp_path), sft_iters=20, sft_snapshots="5,10", ppo_iters=60, ppo_snapshot_every=20,
+                   rft_rounds=2, rft_epochs=2, rft_batch=16, device="cpu")
+    runs = T.run_seed(cfg, "base.pt", 3)
+    d = os.path.join(str(tmp_path), "thesis", "s3")
+    assert [s for s, _ in runs["sft"]] == [5, 10, 20] and runs["sft"][-1][1] == os.path.join(d, "sft", "ckpt.pt")
+    for m in ("ppo", "ppo_kl0", "grpo"):
+        assert [s for s, _ in runs[m]] == [20, 40, 60]
+        script, args, inputs = calls[f"{m} seed=3"]
+        assert script == "train_ppo.py" and "--snapshot_steps=20,40" in args and inputs == ["base.pt"]
+        assert "--seed=3" in args and "--max_minutes=0" in args
+    assert "--kl_coef=0.05" in calls["ppo seed=3"][1] and "--advantage=grpo" not in calls["ppo seed=3"][1]
+    assert "--kl_coef=0" in calls["ppo_kl0 seed=3"][1]
+    assert {"--advantage=grpo", "--group_size=8", "--kl_coef=0.05"} <= set(calls["grpo seed=3"][1])
+    # rft: round 1 starts from round 0's checkpoint, on its own samples; a round's steps are 2 passes over its
+    # verified samples in batches of 16 (13 -> ceil(26 / 16) = 2 steps, 40 -> 5), counted on across rounds
+    r0, r1 = (os.path.join(d, "rft", f"round{r}") for r in (0, 1))
+    assert calls["rft seed=3 round 1"][2] == [os.path.join(r0, "ckpt.pt"), r1 + "_samples.jsonl"]
+    assert f"--init_from={os.path.join(r0, 'ckpt.pt')}" in calls["rft seed=3 round 1"][1]
+    assert "--max_iters=2" in calls["rft seed=3 round 0"][1] and "--max_iters=5" in calls["rft seed=3 round 1"][1]
+    assert "--batch_size=16" in calls["rft seed=3 round 1"][1]
+    assert runs["rft"] == [(2, os.path.join(r0, "ckpt.pt")), (7, os.path.join(r1, "ckpt.pt"))]
