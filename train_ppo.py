@@ -239,7 +239,7 @@ def main(argv):
         raise UserError(f"--advantage={cfg.advantage}: needs --group_size >= 2 (a group baseline), got "
                         f"{cfg.group_size}")
     if not critic and cfg.whiten_rewards:
-        raise UserError(f"--whiten_rewards: only for --advantage=gae (a group baseline compares raw scores)")
+        raise UserError("--whiten_rewards: only for --advantage=gae (a group baseline compares raw scores)")
     if cfg.advantage == "grpo" and "kl_estimator" in given:
         raise UserError(f"--kl_estimator={cfg.kl_estimator}: grpo puts the k3 KL estimate in the loss; the knob is "
                         f"for the KL in the reward (gae, rloo)")
