@@ -69,7 +69,7 @@ def _split_hh(path, lineno, chosen, rejected):
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    cut = chosen.rfind(ASSISTANT, 0, n - len(ASSISTANT) + 1)
+    cut = chosen.rfind(ASSISTANT, 0, n)
     if cut < 0:
         raise UserError(f"{path}:{lineno}: chosen and rejected share no prompt ending with {ASSISTANT!r}; "
                         f"an implicit-prompt pair is two transcripts that differ only in the last assistant turn")
