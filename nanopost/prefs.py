@@ -54,18 +54,27 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def hh_turns(path, lineno, text, what):
-    """An HH-RLHF transcript "\n\nHuman: q\n\nAssistant: a ..." -> [(role, content), ...] (content stripped)."""
+    """An HH-RLHF transcript "\n\nHuman: q\n\nAssistant: a ..." -> [(role, content), ...] (content stripped).
+    Two turns of one role in a row (8 of the 2,312 HH-RLHF harmless test pairs) are read as one turn."""
     parts = _HH_TURN.split(text)  # [before, role, content, role, content, ...]
     if parts[0].strip() or len(parts) < 3:
         raise UserError(f"{path}:{lineno}: {what} must start with {HUMAN!r} (an HH-RLHF transcript), "
                         f"got {text[:40]!r}")
-    return [("user" if role == "Human" else "assistant", content.strip())
-            for role, content in zip(parts[1::2], parts[2::2])]
+    turns = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if role == "Human" else "assistant"
+        if turns and turns[-1][0] == role:
+            turns[-1] = (role, turns[-1][1] + "\n\n" + content.strip())
+        else:
+            turns.append((role, content.strip()))
+    return turns
 
 
 def _split_hh(path, lineno, chosen, rejected):
     """Two HH transcripts -> (shared prompt turns, chosen response, rejected response): the prompt ends at the
-    last "\n\nAssistant:" inside their common prefix, the responses are what follows it in each."""
+    last "\n\nAssistant:" inside their common prefix, the responses are what follows it in each. Two transcripts
+    that part before their last assistant turn (1 of the 2,312 HH-RLHF harmless test pairs) keep the later turns
+    inside the responses, as text: the pair still says which continuation is preferred (TRL's extract_prompt)."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -74,9 +83,6 @@ def _split_hh(path, lineno, chosen, rejected):
         raise UserError(f"{path}:{lineno}: chosen and rejected share no prompt ending with {ASSISTANT!r}; "
                         f"an implicit-prompt pair is two transcripts that differ only in the last assistant turn")
     responses = chosen[cut + len(ASSISTANT):], rejected[cut + len(ASSISTANT):]
-    if any(HUMAN in r or ASSISTANT in r for r in responses):
-        raise UserError(f"{path}:{lineno}: chosen and rejected differ before their last assistant turn; an "
-                        f"implicit-prompt pair must share every turn but the last")
     prompt = hh_turns(path, lineno, chosen[:cut], "chosen")
     return _check_turns(path, lineno, prompt, "user"), responses[0].strip(), responses[1].strip()
 
@@ -87,7 +93,7 @@ def _split_messages(path, lineno, chosen, rejected, ignored):
     r = _messages(path, lineno, rejected, "rejected", ignored)
     if len(c) != len(r) or c[:-1] != r[:-1]:
         raise UserError(f"{path}:{lineno}: chosen and rejected must share every turn but the last (the prompt)")
-    for turns, what in ((c, "chosen"), (r, "rejected")):
+    for turns in (c, r):
         _check_turns(path, lineno, turns, "assistant")
     return c[:-1], c[-1][1], r[-1][1]
 
@@ -286,8 +292,9 @@ def label(world, rng, prompt, a, b):
     """The labeler's choice between responses a and b, each (text, ended) -> Pair."""
     sa, sb = (labeler_score(world, prompt, *x) for x in (a, b))
     a_wins = rng.random() < 1.0 / (1.0 + math.exp(-BETA * (sa - sb)))
-    (c, ce), (r, re_) = (a, b) if a_wins else (b, a)
-    return Pair([("user", prompt)], c, r, ce, re_, decided=abs(sa - sb) >= DECIDED_MARGIN)
+    (chosen, chosen_ended), (rejected, rejected_ended) = (a, b) if a_wins else (b, a)
+    return Pair([("user", prompt)], chosen, rejected, chosen_ended, rejected_ended,
+                decided=abs(sa - sb) >= DECIDED_MARGIN)
 
 
 def world_preferences(world, tok, lm, n_pairs, prompts, seed, max_new_tokens, device):

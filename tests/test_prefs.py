@@ -94,6 +94,15 @@ def test_hh_transcripts_share_their_prompt(tmp_path):
     assert pairs == [Pair(HH_PROMPT, "It is 4, since two and two make four.", "It is 5.")]
 
 
+def test_hh_quirks_of_real_transcripts(tmp_path):
+    records = [dict(chosen="\n\nHuman: a\n\nHuman: b\n\nAssistant: c", rejected="\n\nHuman: a\n\nHuman: b\n\nAssistant: d"),
+               dict(chosen="\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+                    rejected="\n\nHuman: a\n\nAssistant: x")]
+    assert load_preferences(write(tmp_path / "hh.jsonl", records)) == [
+        Pair([("user", "a\n\nb")], "c", "d"),  # two human turns in a row: one turn
+        Pair([("user", "a")], "b\n\nHuman: c\n\nAssistant: d", "x")]  # parted early: the rest is the response
+
+
 def test_every_preference_shape_and_gzip(tmp_path, capsys):
     msgs = [dict(role=r, content=c) for r, c in HH_PROMPT]
     records = [
@@ -133,8 +142,6 @@ def test_every_preference_shape_and_gzip(tmp_path, capsys):
     (dict(prompt=[dict(role="assistant", content="a")], chosen="a", rejected="b"), "ending with user"),
     (dict(chosen="Hi there", rejected="Hi you"), "share no prompt ending with"),
     (dict(chosen="Why?\n\nAssistant: a", rejected="Why?\n\nAssistant: b"), "must start with '\\\\n\\\\nHuman:'"),
-    (dict(chosen="\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
-          rejected="\n\nHuman: a\n\nAssistant: x\n\nHuman: c\n\nAssistant: d"), "differ before their last assistant"),
     (dict(chosen=[dict(role="user", content="a"), dict(role="assistant", content="b")],
           rejected=[dict(role="user", content="x"), dict(role="assistant", content="c")]), "share every turn but"),
     (dict(chosen="\n\nHuman: a\n\nAssistant: b", rejected=[dict(role="user", content="a")]),
