@@ -238,9 +238,9 @@ def main(argv):
                                     cfg.max_new_tokens)
     if cfg.batch_size > len(train_prompts):
         raise UserError(f"--batch_size={cfg.batch_size}: more than the {len(train_prompts)} training prompts")
-    reward_fn = load_reward_fn(cfg.reward_fn, world)
     if cfg.reward_model and cfg.reward_fn:
         raise UserError(f"--reward_model={cfg.reward_model} --reward_fn={cfg.reward_fn}: give one reward, not two")
+    reward_fn = load_reward_fn(cfg.reward_fn, world)
     reward_model = load_reward_model(cfg.reward_model, tok, block_size, rt.device) if cfg.reward_model else None
     if reward_model and cfg.prompts:  # your prompts have no verifier: the evaluation scores with the reward model
         reward_fn = reward_model.score_texts

@@ -245,15 +245,15 @@ def test_reward_model_on_your_file_and_its_errors(sft_main, ppo_main, tiny_ckpt,
 
 def one_token_reward_model(tiny_gpt, tok, rewarded):
     """A reward model that is a known function of the last token: its blocks add nothing (c_proj = 0), so the
-    trunk's output at a position is ln_f(wte[token]), and the head is that vector for `rewarded`, scaled to 1/C:
-    the reward is 1 for that token and the cosine-like overlap (|r| ~ 1/sqrt(C)) for any other."""
+    trunk's output at a position is h = ln_f(wte[token]), and the head is h[rewarded] / |h[rewarded]|^2: the reward
+    is 1 for that token and the overlap of the two unit-variance vectors (|r| ~ 1/sqrt(C)) for any other."""
     rm = RewardModel(tiny_gpt(seed=5, n_embd=32))
     with torch.no_grad():
         for name, p in rm.trunk.named_parameters():
             if name.endswith("c_proj.weight") or name.endswith("c_proj.bias"):
                 p.zero_()
         h = rm.trunk.transformer.ln_f(rm.trunk.transformer.wte.weight)  # (V, C): every token's output
-        rm.head.weight.copy_(h[rewarded][None] / h.size(1))
+        rm.head.weight.copy_(h[rewarded][None] / h[rewarded].square().sum())
         scores = h @ rm.head.weight[0]  # (V,) the reward of each token at the end
     return rm, scores
 
@@ -270,7 +270,7 @@ def test_ppo_raises_a_known_reward_model_and_logs_gold(tiny_gpt, tok, save_tiny_
     score = load_reward_model(path, tok, 64, "cpu")
     one = torch.tensor([[tok.user_id, rewarded]])
     assert score(one, torch.ones_like(one, dtype=torch.bool)).item() == pytest.approx((1 - norm["mean"]) / norm["std"])
-    policy = save_tiny_ckpt(tmp_path / "policy.pt", tiny_gpt(seed=1, n_embd=32, uniform=True))
+    policy = save_tiny_ckpt(tmp_path / "policy.pt", tiny_gpt(seed=1, n_embd=32))  # near uniform over V
     out = str(tmp_path / "ppo")
     ppo_main([f"--init_from={policy}", f"--out_dir={out}", f"--reward_model={path}", "--max_new_tokens=1",
               "--batch_size=64", "--num_minibatches=1", "--learning_rate=3e-2", "--kl_coef=0", "--max_iters=12",
@@ -278,4 +278,4 @@ def test_ppo_raises_a_known_reward_model_and_logs_gold(tiny_gpt, tok, save_tiny_
     log = read_log(out, "train")
     assert all("gold" in r for r in log)  # the built-in prompts: the verifier is logged beside the proxy
     first, last = sum(r["score"] for r in log[:3]) / 3, sum(r["score"] for r in log[-3:]) / 3
-    assert abs(first) < 0.5 and last > first + 1.0, (first, last)
+    assert abs(first) < 0.5 and last > first + 0.7, (first, last)  # a batch mean has std ~1/8 here
