@@ -64,7 +64,7 @@ class Config:
     init_from: str = knob("out/sft/ckpt.pt", "policy checkpoint (SFT or base ckpt.pt), or 'resume' = out_dir/ckpt.pt")
     value_init: str = knob("", "checkpoint for the value trunk; '' = the initial policy's weights")
     reward_fn: str = knob("", "module:function or file.py:function, (prompts, responses) -> floats; '' = world.score")
-    reward_model: str = knob("", "reward model ckpt.pt (train_sft.py on preference pairs), scores normalised to mean 0, "
+    reward_model: str = knob("", "reward model ckpt.pt (train_sft.py on preference pairs), normalised to mean 0, "
                                  "std 1 on its initial model; the built-in verifier is then logged as gold")
     prompts: str = knob("", "JSONL file of training prompts; '' = world.ppo_prompts")
     world_seed: int = knob(0, "seed of the built-in world (prompts, verifier, eval prompts)")
@@ -107,10 +107,10 @@ class Config:
 
 
 # a resume may change any other knob (max_iters, learning rates, intervals, coefficients); these define the run
-RUN_DEFINING = ("value_init", "reward_fn", "reward_model", "prompts", "world_seed", "seed", "batch_size", "max_new_tokens",
-                "temperature")
-SHOWN = ("score", "gold", "kl", "kl_full", "kl_coef", "entropy", "approx_kl", "clipfrac", "pg_loss", "v_loss",  # printed
-         "explained_var", "resp_len", "ended", "logprob_diff", "tok_per_s")  # every iteration; log.jsonl has all
+RUN_DEFINING = ("value_init", "reward_fn", "reward_model", "prompts", "world_seed", "seed", "batch_size",
+                "max_new_tokens", "temperature")
+SHOWN = ("score", "gold", "kl", "kl_full", "kl_coef", "entropy", "approx_kl", "clipfrac", "pg_loss",  # printed
+         "v_loss", "explained_var", "resp_len", "ended", "logprob_diff", "tok_per_s")  # every iteration (if logged)
 
 # -----------------------------------------------------------------------------
 # the pieces of PPO, as small functions the tests call directly

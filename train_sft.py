@@ -88,7 +88,7 @@ TASK_SHOWN = ("accuracy", "ended", "well_formed", "distinct_valid")  # of task_e
 @dataclass
 class Config:
     # run
-    out_dir: str = knob("", "where ckpt.pt and log.jsonl go; empty = stage default (out/base or out/sft)")
+    out_dir: str = knob("", "where ckpt.pt and log.jsonl go; empty = stage default (out/base, out/sft, out/rm)")
     init_from: str = knob("scratch", "scratch | resume (out_dir/ckpt.pt) | path to a ckpt.pt to start from")
     data: str = knob("sft", "pretrain (built-in corpus) | sft (built-in demonstrations) | prefs (built-in preference "
                            "pairs: a reward model) | path to a corpus, conversations or preference pairs")
@@ -122,7 +122,8 @@ class Config:
     # logging and evaluation
     log_interval: int = knob(10, "print and log the training loss every this many steps", ge=1)
     eval_interval: int = knob(250, "evaluate and save every this many steps; 0 = only before and at the end", ge=0)
-    eval_examples: int = knob(64, "val examples (sft) or block_size windows (pretrain) for the val loss", ge=1)
+    eval_examples: int = knob(64, "val examples (sft) or block_size windows (pretrain) for the val loss (a reward "
+                                  "model evaluates on every held-out pair)", ge=1)
     heldout_docs: int = knob(64, "held-out docs per pretraining skill for the forgetting losses", ge=1)
     eval_prompts: int = knob(64, "held-out task prompts (spread over all) sampled, scored by the verifier; 0 = off",
                              ge=0)

@@ -144,16 +144,16 @@ def main(argv):
     plot(curves, png)
     lines = [f"# Reward-model over-optimization (python -m nanopost.overopt, {wall / 60:.1f} min wall, "
              f"{_children_cpu() / 60:.1f} min CPU of its stages; a skipped stage counts 0)", "",
-             f"Reward model: held-out pairwise accuracy {rm_eval['acc']:.3f} on {cfg.out_dir}/rm's held-out pairs, "
-             f"{rm_eval['acc_decided']:.3f} on those the labeler decided by its hidden score.", "",
-             f"Trailing means over {cfg.smooth} iterations; proxy in the reward model's normalised units (0 = the start "
-             f"policy), gold = fraction of responses the verifier accepts, KL per response in nats.", "",
-             table(curves), "", "| kl_coef | gold start → peak (iteration) → end | proxy at the gold peak → end | "
-             "KL at the peak → end | gold rose, then fell, proxy still rising |", "|---|---|---|---|---|"]
+             f"Reward model: held-out pairwise accuracy {rm_eval['acc']:.3f} on {cfg.out_dir}/rm's held-out "
+             f"pairs, {rm_eval['acc_decided']:.3f} on those the labeler decided by its hidden score.", "",
+             f"Trailing means over {cfg.smooth} iterations; proxy in the reward model's normalised units (0 = the "
+             f"start policy), gold = fraction of responses the verifier accepts, KL per response in nats.", "",
+             table(curves), "", "| kl_coef | gold start → peak (iteration) → end | proxy at the gold peak → end "
+             "| KL at the peak → end | gold rose, then fell, proxy still rising |", "|---|---|---|---|---|"]
     for coef, v in verdicts.items():
-        lines.append(f"| {coef} | {v['gold_start']:.3f} → {v['gold_peak']:.3f} ({v['peak_step']}) → {v['gold_end']:.3f} "
-                     f"| {v['proxy_at_peak']:+.2f} → {v['proxy_end']:+.2f} | {v['kl_at_peak']:.2f} → "
-                     f"{v['kl_end']:.2f} | {'yes' if v['overoptimized'] else 'no'} |")
+        lines.append(f"| {coef} | {v['gold_start']:.3f} → {v['gold_peak']:.3f} ({v['peak_step']}) → "
+                     f"{v['gold_end']:.3f} | {v['proxy_at_peak']:+.2f} → {v['proxy_end']:+.2f} | "
+                     f"{v['kl_at_peak']:.2f} → {v['kl_end']:.2f} | {'yes' if v['overoptimized'] else 'no'} |")
     lines += ["", "![proxy and gold against sqrt(KL)](overopt.png)", ""]
     with open(os.path.join(d, "overopt.md"), "w") as f:
         f.write("\n".join(lines))

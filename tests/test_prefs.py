@@ -95,7 +95,8 @@ def test_hh_transcripts_share_their_prompt(tmp_path):
 
 
 def test_hh_quirks_of_real_transcripts(tmp_path):
-    records = [dict(chosen="\n\nHuman: a\n\nHuman: b\n\nAssistant: c", rejected="\n\nHuman: a\n\nHuman: b\n\nAssistant: d"),
+    records = [dict(chosen="\n\nHuman: a\n\nHuman: b\n\nAssistant: c",
+                    rejected="\n\nHuman: a\n\nHuman: b\n\nAssistant: d"),
                dict(chosen="\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
                     rejected="\n\nHuman: a\n\nAssistant: x")]
     assert load_preferences(write(tmp_path / "hh.jsonl", records)) == [
@@ -116,7 +117,8 @@ def test_every_preference_shape_and_gzip(tmp_path, capsys):
     ]
     expected = [Pair([("user", "Say hi.")], "Hi!", "Go away."), Pair(HH_PROMPT, "It is 4.", "It is 5."),
                 Pair(HH_PROMPT, "It is 4.", "It is 5."),
-                Pair(HH_PROMPT, "It is 4, since two and two make four.", "It is 5."), Pair([("user", "Hi")], "", "Hello")]
+                Pair(HH_PROMPT, "It is 4, since two and two make four.", "It is 5."),
+                Pair([("user", "Hi")], "", "Hello")]
     path = write(tmp_path / "p.jsonl", records)
     assert load_preferences(path) == expected and is_preferences(path)
     assert capsys.readouterr().out.count("WARNING") == 1  # id and source: one warning for the file
@@ -175,7 +177,8 @@ def test_labeler_prefers_valid_answers_and_follows_bradley_terry(world):
     assert labeler_score(world, prompt, "5+7=12", False) == pytest.approx(0.6 * 6 / 24)  # never ended: invalid
     assert labeler_score(world, prompt, "x" * 40, True) == pytest.approx(0.6)  # the taste is capped
     # an invalid answer however long scores below every valid one: the bias never flips valid vs invalid
-    assert labeler_score(world, prompt, "The answer is 5+7=12, truly.", True) < labeler_score(world, prompt, "5+7=12", True)
+    long_invalid = labeler_score(world, prompt, "The answer is 5+7=12, truly.", True)
+    assert long_invalid < labeler_score(world, prompt, "5+7=12", True)
     # the choice frequency is the Bradley-Terry probability of the score gap
     a, b = ("5+7=12 5+7=12", True), ("5+7=12.", True)  # both invalid; a is longer by 6 characters
     gap = labeler_score(world, prompt, *a) - labeler_score(world, prompt, *b)
@@ -201,7 +204,8 @@ def test_world_preferences_are_deterministic_and_mixed(world, tok, tiny_gpt):
 # -----------------------------------------------------------------------------
 # training it (train_sft.py) and scoring with it (train_ppo.py)
 
-RM = ["--data=prefs", "--block_size=64", "--max_new_tokens=6", "--batch_size=8", "--eval_interval=0", "--lr_decay_iters=6",
+RM = ["--data=prefs", "--block_size=64", "--max_new_tokens=6", "--batch_size=8", "--eval_interval=0",
+      "--lr_decay_iters=6",  # the full run's schedule, so the half run's resume continues the same curve
       "--learning_rate=3e-3", "--warmup_iters=1"]
 
 
@@ -218,8 +222,10 @@ def test_reward_model_training_resume_is_exact(sft_main, tiny_ckpt, read_log, co
     release_locks()
     sft_main([*RM, "--init_from=resume", f"--out_dir={half}", "--max_iters=6"])
     keys = ("step", "loss", "acc", "grad_norm")
-    assert [[r[k] for k in keys] for r in read_log(full, "train")] == [[r[k] for k in keys] for r in read_log(half, "train")]
-    final = [{k: r[k] for k in ("step", "val_loss", "acc", "acc_decided")} for r in (read_log(d, "eval")[-1] for d in (full, half))]
+    train = [[[r[k] for k in keys] for r in read_log(d, "train")] for d in (full, half)]
+    assert train[0] == train[1] and len(train[0]) == 6
+    final = [{k: r[k] for k in ("step", "val_loss", "acc", "acc_decided")} for r in
+             (read_log(d, "eval")[-1] for d in (full, half))]
     assert final[0] == final[1] and final[0]["step"] == 6
     assert read_log(full, "train")[-1]["loss"] < math.log(2)  # it learned something: the first loss is log 2
     c_full, c_half = load_checkpoint(f"{full}/ckpt.pt"), load_checkpoint(f"{half}/ckpt.pt")
