@@ -4,7 +4,8 @@ PPO with a value model, a frozen reference and a per-token KL penalty, for the t
 
 The whole algorithm is one loop in main(), read top to bottom like cleanrl's ppo.py:
   1. rollout   sample one response per prompt from the policy (KV cache, per-row stop at eot)
-  2. score     reward_fn(prompts, responses) -> one float per response (default: the built-in verifier)
+  2. score     reward_fn(prompts, responses) -> one float per response (default: the built-in verifier), or a
+               learned reward model (--reward_model) on the whole batch in one forward
   3. logprobs  recompute log pi(a_t|s_t) of the sampled tokens under the policy and the frozen reference
   4. rewards   r_t = -kl_coef * KL_t on every response token, + score on the last real token (Ziegler et al. 2019)
   5. GAE       advantages over response tokens, whitened over real tokens (Schulman et al. 2016); or one
@@ -17,6 +18,7 @@ The whole algorithm is one loop in main(), read top to bottom like cleanrl's ppo
     torchrun --standalone --nproc_per_node=2 train_ppo.py --init_from=out/sft/ckpt.pt
     python train_ppo.py --reward_fn=file.py:score --prompts=prompts.jsonl      # score(prompts, responses) -> floats
     python train_ppo.py --init_from=out/base/ckpt.pt --advantage=grpo --group_size=8   # no value model
+    python train_ppo.py --reward_model=out/rm/ckpt.pt   # RLHF: a reward model from train_sft.py --data=prefs
 
 Critic-free advantages (outcome supervision: one scalar per response, on all its tokens; no value model, no
 value optimizer, no value loss). --batch_size counts responses, so an iteration costs the same whatever
@@ -65,7 +67,7 @@ from nanopost.common import (RunLog, UserError, all_gather, all_reduce_max, all_
 from nanopost.data import load_prompts
 from nanopost.evaluate import reward_eval, spread, task_eval
 from nanopost.model import ValueModel
-from nanopost.reward import load_reward_fn, score_responses
+from nanopost.reward import load_reward_fn, load_reward_model, score_responses
 from nanopost.rollout import at_response, response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import load_world
@@ -81,6 +83,8 @@ class Config:
                                              "= out_dir/ckpt.pt")
     value_init: str = knob("", "checkpoint for the value trunk; '' = the initial policy's weights")
     reward_fn: str = knob("", "module:function or file.py:function, (prompts, responses) -> floats; '' = world.score")
+    reward_model: str = knob("", "reward model ckpt.pt (train_sft.py on preference pairs), normalised to mean 0, "
+                                 "std 1 on its initial model; the built-in verifier is then logged as gold")
     prompts: str = knob("", "JSONL file of training prompts; '' = world.ppo_prompts")
     world_seed: int = knob(0, "seed of the built-in world (prompts, verifier, eval prompts)")
     seed: int = knob(1337, "seed for sampling, prompt order and minibatch shuffles")
@@ -129,10 +133,10 @@ class Config:
 
 
 # a resume may change any other knob (max_iters, learning rates, intervals, coefficients); these define the run
-RUN_DEFINING = ("value_init", "reward_fn", "prompts", "world_seed", "seed", "batch_size", "max_new_tokens",
-                "temperature", "advantage", "group_size")
-SHOWN = ("score", "kl", "kl_full", "kl_coef", "entropy", "approx_kl", "clipfrac", "pg_loss", "v_loss",  # printed
-         "explained_var", "resp_len", "ended", "logprob_diff", "tok_per_s")  # every iteration; log.jsonl has all
+RUN_DEFINING = ("value_init", "reward_fn", "reward_model", "prompts", "world_seed", "seed", "batch_size",
+                "max_new_tokens", "temperature", "advantage", "group_size")
+SHOWN = ("score", "gold", "kl", "kl_full", "kl_coef", "entropy", "approx_kl", "clipfrac", "pg_loss",  # printed
+         "v_loss", "explained_var", "resp_len", "ended", "logprob_diff", "tok_per_s")  # every iteration (if logged)
 
 # -----------------------------------------------------------------------------
 # the pieces of PPO, as small functions the tests call directly
@@ -295,7 +299,12 @@ def main(argv):
     if n_prompts > len(train_prompts):
         raise UserError(f"--batch_size={cfg.batch_size}: more than the {len(train_prompts)} training prompts can fill "
                         f"({n_prompts} prompts per iteration at --group_size={cfg.group_size})")
+    if cfg.reward_model and cfg.reward_fn:
+        raise UserError(f"--reward_model={cfg.reward_model} --reward_fn={cfg.reward_fn}: give one reward, not two")
     reward_fn = load_reward_fn(cfg.reward_fn, world)
+    reward_model = load_reward_model(cfg.reward_model, tok, block_size, rt.device) if cfg.reward_model else None
+    if reward_model and cfg.prompts:  # your prompts have no verifier: the evaluation scores with the reward model
+        reward_fn = reward_model.score_texts
 
     # RNG streams: prompt order (the same on every rank: they agree on the global batch), shuffles, sampling
     data_gen = torch.Generator().manual_seed(cfg.seed)
@@ -318,8 +327,8 @@ def main(argv):
     del ckpt, vckpt
 
     print0(f"policy {policy.num_params() / 1e6:.2f}M | {cfg.advantage} | {rt.world_size} rank(s) | {local_prompts} "
-           f"prompts/rank/iter x {cfg.group_size} samples | "
-           f"{len(train_prompts)} train prompts | {len(eval_prompts)} eval prompts | reward {reward_fn.__name__}")
+           f"prompts/rank/iter x {cfg.group_size} samples | {len(train_prompts)} train prompts | "
+           f"{len(eval_prompts)} eval prompts | reward {(reward_model or reward_fn).__name__}")
     if rt.master:  # the first write into out_dir: every knob and the data were checked above
         lock_out_dir(cfg.out_dir)
     log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), resume_step=start if resume else None, master=rt.master)
@@ -372,8 +381,16 @@ def main(argv):
         b_mask, b_ended = ro.response_mask, ro.ended.to(rt.device)  # (B, N) bool: sampled tokens incl. eot; (B,)
         B, N = b_mask.shape
 
-        # --- 2. score ---
-        raw_scores = score_responses(reward_fn, ro.prompts, ro.responses, ro.ended.tolist())
+        # --- 2. score: the reward function, or the reward model with the verifier as gold (built-in prompts) ---
+        gold = None
+        if reward_model is None:
+            raw_scores = score_responses(reward_fn, ro.prompts, ro.responses, ro.ended.tolist())
+        else:
+            if not cfg.prompts:
+                gold = torch.tensor(score_responses(reward_fn, ro.prompts, ro.responses, ro.ended.tolist()),
+                                    dtype=torch.float64, device=rt.device)  # (B,)
+            with torch.no_grad(), rt.autocast():
+                raw_scores = reward_model(b_tokens, b_attn).tolist()  # (B,) one forward, at each last real token
         b_scores = torch.tensor(raw_scores, dtype=torch.float32, device=rt.device)  # (B,)
         b_scores = b_scores - cfg.missing_eos_penalty * (~b_ended).float()
 
@@ -462,7 +479,7 @@ def main(argv):
         sc = torch.tensor(raw_scores, dtype=torch.float64, device=rt.device)  # (B,)
         sums = {k: torch.where(b_mask, v, 0.0).double().sum() for k, v in per_token.items()}
         sums.update(n_resp=sc.new_tensor(B), n_tok=b_mask.double().sum(), score=sc.sum(), score_sq=(sc * sc).sum(),
-                    ended=b_ended.double().sum(), **upd)
+                    ended=b_ended.double().sum(), **upd, **({} if gold is None else dict(gold=gold.sum())))
         s = dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values()))).tolist()))
         n_resp, n_tok_all, dt = s["n_resp"], s["n_tok"], t_rollout + t_learn
         rec = dict(kind="train", step=step, **{k: s[k] / n_resp for k in ("score", "kl", "kl_full", "kl_penalised")},
@@ -475,6 +492,8 @@ def main(argv):
         if critic:
             var_ret, var_err = (s[k + "_sq"] / n_tok_all - (s[k] / n_tok_all) ** 2 for k in ("ret", "err"))
             rec["explained_var"] = (1.0 - var_err / var_ret) if var_ret > 0 else float("nan")
+        if gold is not None:  # the verifier next to the reward model's score: where the proxy and the truth part
+            rec["gold"] = s["gold"] / n_resp
         print0(f"step {step}/{cfg.max_iters} | " + " | ".join(f"{k} {rec[k]:.4g}" for k in SHOWN if k in rec)
                + f" | {dt:.2f}s (rollout {100 * t_rollout / dt:.0f}%)")
         log.write(rec)

@@ -9,6 +9,14 @@ Both stages minimize next-token cross-entropy; they differ only in which tokens 
   --data=FILE.jsonl the same on your conversations: {"messages": [...]} (system and multi-turn), {"prompt",
                     "completion"}, or ShareGPT's .json array (nanopost.data.load_conversations); the last 10% is
                     held out for the val loss
+  --data=prefs      a reward model (RewardModel: the trunk and a scalar head read at the last real token) on the
+                    built-in world's preference pairs (nanopost.prefs: a simulated labeler compares samples of the
+                    --init_from model and programmatic answers), Bradley-Terry loss -log sigmoid(r_c - r_r)
+                    (Stiennon et al. 2020); the held-out pairwise accuracy is evaluated on every held-out pair
+  --data=PAIRS.jsonl the same on your preference pairs, {"prompt", "chosen", "rejected"} or HH-RLHF's
+                    {"chosen", "rejected"} transcripts (nanopost.prefs.load_preferences; .gz read as is); the
+                    last 10% is held out. The checkpoint says kind="reward_model" and holds reward_norm, the
+                    mean and std of its scores on the initial model's samples (train_ppo.py --reward_model)
   --data=FILE.txt   every token of your corpus (or a .jsonl of {"text": ...} documents), tokenized once into a
                     cached memmap (nanopost.data.load_corpus); its last 10% is held out for the val loss.
                     --tokenizer=my.bpe (from `python -m nanopost.tokenizer --data=...`) for a scratch model.
@@ -61,13 +69,17 @@ import torch
 
 import kernels
 from nanopost.common import (RunLog, UserError, all_reduce_sum, assert_in_sync, build_model, check_finite,
-                             check_model_finite, entry, format_eta, get_rng_state, knob, load_checkpoint, load_weights,
-                             lock_out_dir, parse_config, parse_steps, print0, resume_config, save_checkpoint,
-                             save_snapshot, set_rng_state, setup_runtime, sync_grads, teardown, validate)
+                             check_model_finite, entry, format_eta, get_rng_state, knob, load_checkpoint, load_model,
+                             load_weights, lock_out_dir, parse_config, parse_steps, print0, resume_config,
+                             save_checkpoint, save_snapshot, set_rng_state, setup_runtime, sync_grads, teardown,
+                             validate)
 from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_prompts, pack,
                            sft_example, spread_windows, windows)
 from nanopost.evaluate import heldout_losses, mean_loss, spread, task_eval
-from nanopost.model import GPTConfig
+from nanopost.model import GPTConfig, RewardModel
+from nanopost.prefs import (bradley_terry_loss, collate_pairs, encode_pair, is_preferences, load_preferences,
+                            pair_metrics, pair_rewards, pairs_hash, world_preferences)
+from nanopost.reward import reward_norm
 from nanopost.tokenizer import from_checkpoint, get_tokenizer
 from nanopost.world import encode_doc, load_world
 
@@ -80,9 +92,10 @@ TASK_SHOWN = ("accuracy", "ended", "well_formed", "distinct_valid")  # of task_e
 @dataclass
 class Config:
     # run
-    out_dir: str = knob("", "where ckpt.pt and log.jsonl go; empty = stage default (out/base or out/sft)")
+    out_dir: str = knob("", "where ckpt.pt and log.jsonl go; empty = stage default (out/base, out/sft, out/rm)")
     init_from: str = knob("scratch", "scratch | resume (out_dir/ckpt.pt) | a ckpt.pt or a GPT-2 folder to start from")
-    data: str = knob("sft", "pretrain (built-in corpus) | sft (built-in demonstrations) | path to an SFT JSONL")
+    data: str = knob("sft", "pretrain (built-in corpus) | sft (built-in demonstrations) | prefs (built-in preference "
+                           "pairs: a reward model) | path to a corpus, conversations or preference pairs")
     seed: int = knob(1337, "seeds the model init and the batch sampling")
     world_seed: int = knob(0, "which built-in task world (nanopost.world.load_world)")
     tokenizer: str = knob("nanopost", "tokenizer for a scratch model; a checkpoint brings its own")
@@ -115,7 +128,8 @@ class Config:
     # logging and evaluation
     log_interval: int = knob(10, "print and log the training loss every this many steps", ge=1)
     eval_interval: int = knob(250, "evaluate and save every this many steps; 0 = only before and at the end", ge=0)
-    eval_examples: int = knob(64, "val examples (sft) or block_size windows (pretrain) for the val loss", ge=1)
+    eval_examples: int = knob(64, "val examples (sft) or block_size windows (pretrain) for the val loss (a reward "
+                                  "model evaluates on every held-out pair)", ge=1)
     heldout_docs: int = knob(64, "held-out docs per pretraining skill for the forgetting losses", ge=1)
     eval_prompts: int = knob(64, "held-out task prompts (spread over all) sampled, scored by the verifier; 0 = off",
                              ge=0)
@@ -136,7 +150,15 @@ RUN_DEFINING = ("data", "seed", "world_seed", "tokenizer", "batch_size", "grad_a
 STAGE_DEFAULTS = {
     "pretrain": dict(out_dir="out/base", max_iters=2400, batch_size=8, learning_rate=1.5e-3),
     "sft": dict(out_dir="out/sft", max_iters=150, batch_size=32, learning_rate=1e-3),
+    "reward": dict(out_dir="out/rm", max_iters=300, batch_size=32, learning_rate=1e-3),  # batch_size in pairs
 }
+PREF_PAIRS = dict(train=4096, val=512)  # built-in preference pairs (--data=prefs)
+
+
+def stage_of(data):
+    if data == "pretrain" or is_corpus(data):
+        return "pretrain"
+    return "reward" if data == "prefs" or is_preferences(data) else "sft"
 
 
 def sample_batch(stage, step, seed, n, block_size, stream=None, examples=None):
@@ -163,7 +185,7 @@ def lr_at(step, lr, min_lr, warmup_iters, decay_iters, decay):
 
 def main(argv):
     cfg, given = parse_config(Config, argv)
-    stage = "pretrain" if cfg.data == "pretrain" or is_corpus(cfg.data) else "sft"
+    stage = stage_of(cfg.data)
     # resolve the stage defaults now, so the config saved in the checkpoint holds the values actually used
     cfg = replace(cfg, **{k: v for k, v in STAGE_DEFAULTS[stage].items() if getattr(cfg, k) in (-1, "")})
     cfg = replace(cfg, min_lr=cfg.learning_rate / 10 if cfg.min_lr < 0 else cfg.min_lr,
@@ -178,13 +200,13 @@ def main(argv):
         if "learning_rate" in given and "min_lr" not in given and saved["min_lr"] == saved["learning_rate"] / 10:
             cfg = replace(cfg, min_lr=cfg.learning_rate / 10)  # the floor follows a new peak, as in a fresh run
             print0(f"changed: min_lr {saved['min_lr']} -> {cfg.min_lr}")
-        stage = "pretrain" if cfg.data == "pretrain" or is_corpus(cfg.data) else "sft"
+        stage = stage_of(cfg.data)
     elif cfg.init_from != "scratch":
         ckpt = load_checkpoint(cfg.init_from)
     validate(cfg)
-    if cfg.packing and stage == "pretrain":
-        raise UserError(f"--packing=true --data={cfg.data}: packing is for conversations; pretraining windows of "
-                        f"the corpus stream have no padding to remove")
+    if cfg.packing and stage != "sft":
+        raise UserError(f"--packing=true --data={cfg.data}: packing is for conversations (pretraining windows have "
+                        f"no padding to remove; a reward model reads each pair's last token)")
     snapshots = parse_steps(cfg.snapshot_steps, "snapshot_steps")
     if ckpt is None and (cfg.n_embd % (2 * cfg.n_head)):
         raise UserError(f"--n_embd={cfg.n_embd} --n_head={cfg.n_head}: the head size n_embd/n_head must be even "
@@ -192,6 +214,8 @@ def main(argv):
     if resume and cfg.sft_kl_coef > 0 and "ref_model" not in ckpt:
         raise UserError(f"--sft_kl_coef={cfg.sft_kl_coef}: {ckpt_path} was trained without the KL anchor, so it "
                         f"holds no reference model to anchor to")
+    if stage == "reward" and cfg.sft_kl_coef > 0:
+        raise UserError(f"--sft_kl_coef={cfg.sft_kl_coef}: a reward model has no next-token distribution to anchor")
 
     # ------------------------------------------------------------------------------------------------------------
     # runtime, out_dir, model: from scratch, from a checkpoint (e.g. the base model for SFT), or resume this run
@@ -207,16 +231,21 @@ def main(argv):
         model = build_model(model_args)
     else:
         model_args = ckpt["model_args"]
-        model = load_weights(build_model(model_args), ckpt["model"])
+        model = build_model(model_args)
+        model = load_weights(RewardModel(model) if ckpt.get("kind") == "reward_model" else model, ckpt["model"])
         path = ckpt_path if resume else cfg.init_from
+        if isinstance(model, RewardModel) and stage != "reward":
+            raise UserError(f"{path} is a reward model; --data={cfg.data} trains a language model")
         tok = from_checkpoint(ckpt, path)
         if model_args["vocab_size"] < tok.vocab_size:
             raise UserError(f"{path}: the model has {model_args['vocab_size']} token embeddings but tokenizer "
                             f"{tok.name!r} has {tok.vocab_size} tokens")
         print0(f"loaded {path} (step {ckpt.get('step')}); its shape overrides n_layer/n_head/n_embd/block_size")
+    if stage == "reward" and not isinstance(model, RewardModel):
+        model = RewardModel(model)  # the trunk of the base or SFT model (or a scratch one) and a zero-init head
     model.to(rt.device)
     block_size = model_args["block_size"]
-    print0(f"model: {model.num_params() / 1e6:.2f}M parameters | {model_args}")
+    print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {model_args}")
 
     # frozen initial model for the KL anchor; resume restores the one saved with the run, not the current weights
     ref_model = None
@@ -234,7 +263,7 @@ def main(argv):
     world = load_world(seed=cfg.world_seed)
     eval_prompts = spread(world.eval_prompts, cfg.eval_prompts if builtin else 0)  # every phrasing, not the first
     eval_prompts = load_prompts("", eval_prompts, tok, block_size, cfg.max_new_tokens)
-    stream = val_stream = train_examples = val_examples = data_hash = None
+    stream = val_stream = train_examples = val_examples = data_hash = init_lm = None
     if cfg.data == "pretrain":
         # every skill's docs, each ending in <|endoftext|>, as one stream: windows cross doc boundaries like GPT-2's
         stream = np.array([t for s in world.skills for d in world.pretrain[s] for t in encode_doc(tok, d)])
@@ -250,6 +279,27 @@ def main(argv):
                 raise UserError(f"{cfg.data}: the {name} stream has {len(s)} tokens, fewer than block_size+2="
                                 f"{block_size + 2}")
         print0(f"data: train stream {len(stream):,} tokens | held-out {len(val_stream):,} tokens")
+    elif stage == "reward":
+        # the model this one starts from: whose samples the built-in labeler compares, and (as the policy PPO will
+        # start from) whose scores set the normalisation. Loaded from init_from, so a resume sees the same one
+        if cfg.init_from != "scratch":
+            init_lm = load_model(cfg.init_from, rt.device)[0]
+        if cfg.data == "prefs":
+            train_raw, val_raw = (world_preferences(world, tok, init_lm, PREF_PAIRS[split], prompts, cfg.seed + i,
+                                                    cfg.max_new_tokens, rt.device)
+                                  for i, (split, prompts) in enumerate((("train", world.ppo_prompts),
+                                                                        ("val", world.eval_prompts))))
+        else:
+            raw = load_preferences(cfg.data)  # UserError("path:LINE: ...") on a bad record
+            n_val = len(raw) // 10
+            train_raw, val_raw = (raw[:-n_val], raw[-n_val:]) if n_val > 0 else (raw, raw)
+        data_hash = pairs_hash(train_raw + val_raw)
+        train_examples, val_examples = ([encode_pair(tok, p, block_size) for p in split]
+                                        for split in (train_raw, val_raw))
+        val_decided = [p.decided for p in val_raw]
+        for split, ex in (("train", train_examples), ("val", val_examples)):
+            print0(f"data: preference pairs {split} {len(ex)} | {sum(t for *_, t in ex)} keep only their last "
+                   f"block_size={block_size} tokens")
     else:
         if cfg.data == "sft":
             train_raw, val_raw = ([[("user", ex["prompt"]), ("assistant", ex["completion"])] for ex in split]
@@ -279,16 +329,20 @@ def main(argv):
 
     def get_batch(step):
         """-> this rank's grad_accum micro-batches X, Y (b, T) and segments (None, or (b, T) when packed), the
-        global loss-token count, and the global count of real (not padding) tokens."""
+        global count the step's loss divides by, and the global count of real (not padding) tokens."""
         batch = sample_batch(stage, step, cfg.seed, cfg.batch_size * cfg.grad_accum, block_size,
                              stream=stream, examples=train_examples)
         if stage == "pretrain":
             X, Y = batch
             n_real = X.numel()
+        elif stage == "reward":  # X (n, 2, T) chosen and rejected; Y their real-token mask
+            X, Y = collate_pairs(batch, tok.eot_id)
+            n_real = int(Y.sum())
         else:
             X, Y = collate(batch, tok.eot_id)
             n_real = sum(len(x) for x, _ in batch)
-        n_tokens = int((Y != IGNORE).sum())  # over all ranks and micro-steps: the divisor of the step's loss
+        # over all ranks and micro-steps: the divisor of the step's loss (a reward model's loss is per pair)
+        n_tokens = len(X) if stage == "reward" else int((Y != IGNORE).sum())
         b = cfg.batch_size // rt.world_size
         micro = []
         for k in range(cfg.grad_accum):
@@ -343,8 +397,15 @@ def main(argv):
 
     def evaluate(step):
         raw_model.eval()
-        record = dict(kind="eval", step=step, val_loss=val_loss())
+        if stage == "reward":  # every held-out pair: the Bradley-Terry loss and the pairwise accuracy
+            with rt.autocast():
+                record = dict(kind="eval", step=step, **pair_metrics(raw_model, val_examples, val_decided,
+                                                                     cfg.batch_size, tok.eot_id, rt.device))
+        else:
+            record = dict(kind="eval", step=step, val_loss=val_loss())
         line = f"eval {step}/{cfg.max_iters} | val {record['val_loss']:.4f}"
+        if stage == "reward":
+            line += f" | acc {record['acc']:.3f} | acc_decided {record['acc_decided']:.3f}"
         with rt.autocast():
             if builtin:
                 record["heldout"] = heldout_losses(raw_model, tok, world, rt.device, max_docs=cfg.heldout_docs)
@@ -370,6 +431,12 @@ def main(argv):
                    data_hash=data_hash, **tok.checkpoint_entries())
         if ref_model is not None:
             obj["ref_model"] = ref_model.state_dict()
+        if stage == "reward":  # what PPO needs: that it is one, and its scale on the policy PPO starts from
+            with rt.autocast():
+                obj.update(kind="reward_model", reward_norm=reward_norm(
+                    raw_model, tok, rt.device, init_lm, world.ppo_prompts if cfg.data == "prefs" else
+                    [p.prompt for p in train_raw], cfg.max_new_tokens, val_examples, tok.eot_id))
+            print(f"reward_norm: {obj['reward_norm']}")
         save_checkpoint(ckpt_path, obj)
         print(f"saved {ckpt_path} at step {step}")
 
@@ -393,11 +460,17 @@ def main(argv):
             group["lr"] = lr
 
         micro, n_tokens, n_real = get_batch(step)
-        stats = torch.zeros(2, device=rt.device)  # [sum of CE, sum of KL] over this rank's loss tokens
+        stats = torch.zeros(3, device=rt.device)  # [sum of CE, sum of KL, pairs ranked right] over this rank's
         for X, Y, segments in micro:
-            with rt.autocast():
-                logits = model(X, segments=segments)  # (b, T, V)
-            loss_sum = kernels.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum")
+            if stage == "reward":  # X (b, 2, T) chosen and rejected, Y their real-token mask
+                with rt.autocast():
+                    r = pair_rewards(model, X, Y).float()  # (b, 2)
+                loss_sum = bradley_terry_loss(r[:, 0], r[:, 1]).sum()
+                stats[2] += (r[:, 0] > r[:, 1]).sum()
+            else:
+                with rt.autocast():
+                    logits = model(X, segments=segments)  # (b, T, V)
+                loss_sum = kernels.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum")
             loss = loss_sum / n_tokens
             stats[0] += loss_sum.detach()
             if ref_model is not None:
@@ -408,7 +481,7 @@ def main(argv):
                 stats[1] += kl_sum.detach()
             loss.backward()
         sync_grads(params)
-        ce, kl = (all_reduce_sum(stats) / n_tokens).tolist()
+        ce, kl, acc = (all_reduce_sum(stats) / n_tokens).tolist()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
         check_finite(step, ckpt_path, loss=ce, kl=kl, grad_norm=grad_norm)  # before the step: weights still good
         optimizer.step()
@@ -421,9 +494,10 @@ def main(argv):
             eta = (time.time() - t_start) / (step - step_start) * (cfg.max_iters - step)
             line = (f"step {step}/{cfg.max_iters} | loss {ce:.4f} | lr {lr:.1e} | tok/s {n_real / dt:.0f}"
                     f" | eta {format_eta(eta)}")
-            print0(line + (f" | kl {kl:.4f}" if ref_model is not None else ""))
+            print0(line + (f" | kl {kl:.4f}" if ref_model is not None else "")
+                   + (f" | acc {acc:.3f}" if stage == "reward" else ""))
             log.write(dict(kind="train", step=step, loss=ce, kl=kl, lr=lr, grad_norm=grad_norm,
-                           tok_per_s=n_real / dt, eta_s=eta))
+                           tok_per_s=n_real / dt, eta_s=eta, **(dict(acc=acc) if stage == "reward" else {})))
 
         if rt.master and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters):
             record = evaluate(step)

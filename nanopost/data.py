@@ -21,6 +21,7 @@ Every problem is a UserError "path:LINE: what is wrong". In particular
 """
 
 import collections
+import gzip
 import hashlib
 import json
 import os
@@ -36,13 +37,23 @@ from nanopost.common import UserError, print0
 IGNORE = -100
 
 
+def _open(path, mode, **kw):
+    """open(), or gzip.open() for a .gz file: a downloaded dataset (HH-RLHF's *.jsonl.gz) is read as it is."""
+    return gzip.open(path, mode, **kw) if path.endswith(".gz") else open(path, mode, **kw)
+
+
+def is_json_array(path):
+    """A .json file (one JSON array) rather than JSON lines, .gz or not."""
+    return path.removesuffix(".gz").endswith(".json")
+
+
 def _records(path):
     """Yield (lineno, dict) for each line of a JSONL file, raising UserError("path:LINE: ...") on any problem."""
     try:
-        with open(path, "rb") as f:
+        with _open(path, "rb") as f:
             raw = f.read()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except OSError as e:  # gzip.BadGzipFile too: it has no strerror
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -88,7 +99,7 @@ def _text(path, lineno, value, what):
 def _array_records(path):
     """Yield (line, dict) for each element of a file holding one JSON array of objects (ShareGPT's .json)."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with _open(path, "rt", encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
@@ -186,7 +197,7 @@ def load_conversations(path, last="assistant"):
 
 
 def _numbered_conversations(path, last):
-    records = _array_records(path) if path.endswith(".json") else _records(path)
+    records = _array_records(path) if is_json_array(path) else _records(path)
     ignored = collections.Counter()
     conversations = [(lineno, _conversation(path, lineno, obj, ignored, last)) for lineno, obj in records]
     if not conversations:

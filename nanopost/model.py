@@ -283,3 +283,22 @@ class ValueModel(nn.Module):
     def forward(self, idx, attention_mask=None):
         h = self.trunk.hidden(idx, attention_mask=attention_mask)  # (B, T, C)
         return self.head(h).squeeze(-1)  # (B, T)
+
+
+def last_real(attention_mask):
+    """(B, T) mask of real tokens -> (B,) index of each row's last real token (left and right padding alike)."""
+    T = attention_mask.size(1)
+    return (attention_mask.long() * torch.arange(1, T + 1, device=attention_mask.device)).argmax(-1)
+
+
+class RewardModel(ValueModel):
+    """A scalar per sequence: the ValueModel's head read only at the last real token, the one position that has
+    seen the whole prompt and response (Stiennon et al. 2020; Ouyang et al. 2022). Trained on preference pairs
+    with the Bradley-Terry loss (nanopost.prefs.bradley_terry_loss); its zero-init head makes every reward 0 at
+    the start, so the first loss is exactly log 2."""
+
+    def forward(self, idx, attention_mask=None):
+        values = super().forward(idx, attention_mask)  # (B, T)
+        if attention_mask is None:
+            return values[:, -1]  # (B,)
+        return values.gather(1, last_real(attention_mask)[:, None]).squeeze(1)  # (B,)

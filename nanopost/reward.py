@@ -1,6 +1,7 @@
 """
 Reward functions for PPO: the built-in verifier, or your own `score(prompts, responses) -> list[float]`
-named as --reward_fn=module:function or --reward_fn=path/to/file.py:function.
+named as --reward_fn=module:function or --reward_fn=path/to/file.py:function; or a learned reward model
+(--reward_model=PATH, trained by train_sft.py on preference pairs) that scores a whole batch in one forward.
 
 A user's function is untrusted input like a data file: a file that does not import names its line, a call
 that raises names the prompt it failed on, and a result that is not one finite float per response stops the
@@ -13,7 +14,13 @@ import math
 import os
 import traceback
 
-from nanopost.common import UserError
+import torch
+
+from nanopost.common import UserError, build_model, load_checkpoint, load_weights
+from nanopost.model import RewardModel
+from nanopost.prefs import collate_pairs
+from nanopost.rollout import rollout
+from nanopost.tokenizer import from_checkpoint
 
 
 def _import_file(path, spec):
@@ -88,3 +95,70 @@ def score_responses(reward_fn, prompts, responses, ended):
         if not math.isfinite(s):
             raise UserError(f"{name} returned {s} for prompt {p!r} (response {r!r})")
     return scores
+
+
+# -----------------------------------------------------------------------------
+# a learned reward model
+
+NORM_SAMPLES = 256  # responses the normalisation averages over: its mean is then within ~0.06 std of the truth
+
+
+@torch.no_grad()
+def reward_norm(rm, tok, device, lm=None, prompts=(), max_new_tokens=16, examples=(), pad_id=0):
+    """Mean and std of the reward model's raw scores on the responses of lm, the policy PPO starts from, to
+    NORM_SAMPLES prompts spread over `prompts` (the ones that fit the context with max_new_tokens); PPO subtracts
+    and divides by them, so its start policy scores mean 0, std 1 (as InstructGPT normalises its reward model).
+    Without an lm (a scratch reward model) or a prompt that fits: over both sides of the held-out pairs."""
+    rm.eval()
+    fits = [p for p in prompts if len(tok.encode_prompt(p)) + max_new_tokens <= rm.trunk.config.block_size]
+    scores = []
+    if lm is not None and fits:
+        lm.eval()
+        gen = torch.Generator(device=device).manual_seed(0)
+        todo = [fits[i * len(fits) // NORM_SAMPLES] for i in range(NORM_SAMPLES)]
+        for i in range(0, len(todo), 128):
+            ro = rollout(lm, tok, todo[i:i + 128], max_new_tokens, generator=gen)
+            scores.append(rm(ro.tokens, attention_mask=ro.mask).float())
+        on = f"{NORM_SAMPLES} samples of the initial model"
+    else:
+        for i in range(0, len(examples), 64):
+            X, M = collate_pairs(examples[i:i + 64], pad_id)
+            scores.append(rm(X.flatten(0, 1).to(device), attention_mask=M.flatten(0, 1).to(device)).float())
+        on = f"both sides of {len(examples)} held-out pairs"
+    scores = torch.cat(scores)
+    rm.train()
+    return dict(mean=scores.mean().item(), std=max(scores.std().item(), 1e-6), on=on)
+
+
+def load_reward_model(path, tok, block_size, device):
+    """A reward model checkpoint -> score(tokens, attention_mask) -> (B,) normalised rewards, read at each row's
+    last real token in one forward of the whole batch (no Python loop per sample). It must read the policy's
+    token ids the same way (same tokenizer) and hold its whole context (block_size)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != "reward_model":
+        raise UserError(f"--reward_model={path}: not a reward model (train one with train_sft.py --data=prefs "
+                        f"or --data=PAIRS.jsonl)")
+    rm_tok = from_checkpoint(ckpt, path)
+    if rm_tok.fingerprint != tok.fingerprint:
+        raise UserError(f"--reward_model={path}: its tokenizer {rm_tok.name!r} is not the policy's {tok.name!r}; "
+                        f"it would read the policy's token ids as other words")
+    args = dict(ckpt["model_args"], dropout=0.0)
+    if args["block_size"] < block_size:
+        raise UserError(f"--reward_model={path}: block_size {args['block_size']} is shorter than the policy's "
+                        f"{block_size}")
+    rm = load_weights(RewardModel(build_model(args)), ckpt["model"]).to(device).eval().requires_grad_(False)
+    mean, std = ckpt["reward_norm"]["mean"], ckpt["reward_norm"]["std"]
+
+    def score(tokens, attention_mask):
+        return (rm(tokens, attention_mask=attention_mask).float() - mean) / std  # (B,)
+
+    def score_texts(prompts, responses, ended):
+        """The same on text, for the evaluation of your prompts (reward_eval): encoded, then one forward."""
+        seqs = [tok.encode_prompt(p) + tok.encode(r) + ([tok.eot_id] if e else [])
+                for p, r, e in zip(prompts, responses, ended)]
+        X, M = collate_pairs([(s, s) for s in seqs], tok.eot_id)  # (B, 2, T): both sides the same sequence
+        return score(X[:, 0].to(device), M[:, 0].to(device)).tolist()
+
+    score.__name__ = score_texts.__name__ = f"reward_model={path}"
+    score.score_texts = score_texts
+    return score
