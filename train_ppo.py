@@ -90,6 +90,7 @@ class Config:
     seed: int = knob(1337, "seed for sampling, prompt order and minibatch shuffles")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = knob("float32", "float32 | bfloat16 (autocast, CUDA only)", choices=("float32", "bfloat16"))
+    compile: bool = knob(True, "torch.compile the update's forward passes (CUDA only; sampling stays eager)")
     # rollout
     batch_size: int = knob(64, "responses per iteration, global over all ranks (batch_size/group_size prompts)",
                            ge=1)
@@ -277,6 +278,9 @@ def main(argv):
     # dropout is 0, so eval() changes nothing numerically; it is set once and never switched back
     for m in (ref_policy, *models.values()):
         m.eval()
+    # the update's forwards (fixed minibatch shapes) compiled; sampling's KV-cache steps and checkpoints stay eager
+    compiled = cfg.compile and rt.device_type == "cuda"
+    learner, value_learner = (torch.compile(m) if compiled and m is not None else m for m in (policy, value_model))
 
     # eps=1e-5: cleanrl/baselines PPO value; betas: the default Adam of the N-details reference code
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
@@ -435,7 +439,7 @@ def main(argv):
                 # gradient of the masked mean over the union (data parallel == one big process)
                 n_tok = all_reduce_sum(mb_mask.sum().double()).clamp(min=1.0)
                 with rt.autocast():
-                    (newlogprob, entropy), _ = response_logprobs(policy, b_tokens[mb_inds], b_attn[mb_inds], P, T,
+                    (newlogprob, entropy), _ = response_logprobs(learner, b_tokens[mb_inds], b_attn[mb_inds], P, T,
                                                                  return_entropy=True)
                 pg_loss, approx_kl, clipfrac, ratio = policy_loss(
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], mb_mask, cfg.clip_coef, n_tok)
@@ -444,7 +448,7 @@ def main(argv):
                 mb = dict(pg_loss=pg_loss, entropy_bonus=entropy_bonus, approx_kl=approx_kl, clipfrac=clipfrac)
                 if critic:
                     with rt.autocast():
-                        newvalues = at_response(value_model(b_tokens[mb_inds], attention_mask=b_attn[mb_inds]), P)
+                        newvalues = at_response(value_learner(b_tokens[mb_inds], attention_mask=b_attn[mb_inds]), P)
                     v_loss, vf_clipfrac = value_loss(newvalues.float(), b_values[mb_inds], b_returns[mb_inds],
                                                      mb_mask, cfg.vf_clip_coef, n_tok)
                     loss = loss + v_loss  # disjoint parameters: one backward serves both models, each its optimizer

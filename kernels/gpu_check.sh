@@ -57,6 +57,6 @@ step train_sft 150 python train_sft.py --data=pretrain --init_from="$OUT/gpt2" -
     --log_interval=5 --eval_interval=0 --eval_examples=16 --heldout_docs=8 --eval_prompts=0 "${SFT[@]}" \
     --dtype=bfloat16 --compile=true
 step train_ppo 150 python train_ppo.py --init_from="$OUT/sft/ckpt.pt" --out_dir="$OUT/ppo" --max_iters=3 \
-    --eval_interval=0 --dtype=bfloat16 "${PPO[@]}"
+    --eval_interval=0 --dtype=bfloat16 --compile=true "${PPO[@]}"
 echo "failed steps: $failed (outputs in $OUT)"
 exit "$failed"
