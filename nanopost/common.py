@@ -303,15 +303,25 @@ def save_checkpoint(path, obj):
         raise
 
 
-def parse_steps(text, knob):
-    """--snapshot_steps=10,20,40 -> {10, 20, 40}: the steps at which a script keeps a snapshot."""
+def parse_list(text, knob, kind=int, low=None):
+    """--seeds=0,1,2 -> [0, 1, 2]: a comma-separated knob's values as `kind`, each >= low when given; an empty list,
+    a value that is not a number or one below low is a UserError naming the knob."""
+    what = "integers" if kind is int else "numbers"
     try:
-        steps = {int(s) for s in text.split(",") if s.strip()}
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--{knob}={text}: expected comma-separated step numbers, e.g. 10,20,40") from None
-    if any(s < 1 for s in steps):
-        raise UserError(f"--{knob}={text}: steps start at 1")
-    return steps
+        raise UserError(f"--{knob}={text}: expected comma-separated {what}, e.g. {'1,2,3' if kind is int else '0,0.5'}"
+                        ) from None
+    if not values:
+        raise UserError(f"--{knob}={text}: expected one or more {what}")
+    if low is not None and any(v < low for v in values):
+        raise UserError(f"--{knob}={text}: every value must be >= {low}")
+    return values
+
+
+def parse_steps(text, knob):
+    """--snapshot_steps=10,20,40 -> {10, 20, 40}: the steps at which a script keeps a snapshot ('' = none)."""
+    return set(parse_list(text, knob, int, low=1)) if text.strip() else set()
 
 
 def save_snapshot(out_dir, step, **entries):

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from nanopost.common import UserError, entry, knob, parse_config, resolve_device
+from nanopost.common import entry, knob, parse_config, parse_list, resolve_device
 from nanopost.evaluate import evaluate_checkpoints, format_table, render_table, table_columns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: train_*.py live here
@@ -290,12 +290,7 @@ def write_report(out_dir, per_method, per_run=None, config=None, notes=()):
 
 def main(argv):
     cfg, _ = parse_config(Config, argv=argv)
-    try:
-        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds={cfg.seeds}: expected comma-separated integers, e.g. 0,1,2") from None
-    if not seeds:
-        raise UserError(f"--seeds={cfg.seeds}: no seed given")
+    seeds = parse_list(cfg.seeds, "seeds")
     t0 = time.time()
     r = resource.getrusage(resource.RUSAGE_SELF)
     cpu_self0 = r.ru_utime + r.ru_stime

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from nanopost.common import UserError, entry, knob, parse_config
+from nanopost.common import UserError, entry, knob, parse_config, parse_list
 from nanopost.experiment import _children_cpu, run_stage
 
 
@@ -109,12 +109,7 @@ def plot(curves, path):
 
 def main(argv):
     cfg, _ = parse_config(Config, argv=argv)
-    try:
-        coefs = [float(c) for c in cfg.kl_coefs.split(",") if c.strip()]
-    except ValueError:
-        raise UserError(f"--kl_coefs={cfg.kl_coefs}: expected comma-separated numbers, e.g. 0,0.02,0.1") from None
-    if not coefs or any(c < 0 for c in coefs):
-        raise UserError(f"--kl_coefs={cfg.kl_coefs}: expected one or more numbers >= 0")
+    coefs = parse_list(cfg.kl_coefs, "kl_coefs", float, low=0)
     if not os.path.isfile(cfg.base):
         raise UserError(f"--base={cfg.base}: no such checkpoint; train one with python train_sft.py --data=pretrain "
                         f"--out_dir=out/base (or run python -m nanopost.experiment)")

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from nanopost.common import UserError, entry, knob, load_model, parse_config, resolve_device
+from nanopost.common import entry, knob, load_model, parse_config, parse_list, resolve_device
 from nanopost.evaluate import _eval_mode, evaluate_checkpoints, spread
 from nanopost.experiment import ROOT, pearson, run_stage
 from nanopost.rollout import response_logprobs, rollout
@@ -261,7 +261,7 @@ def trajectory(points, key="dloss_mean"):
 
 def summarize(cfg, runs, results):
     """Per-run numbers and per-method means with bootstrap intervals; comparisons at matched accuracy."""
-    levels = [float(a) for a in cfg.match_acc.split(",") if a.strip()]
+    levels = parse_list(cfg.match_acc, "match_acc", float, low=0)
     base_m = results["base"]
     per_run = {}  # (method, seed) -> dict
     for (method, seed), pts in runs.items():
@@ -366,13 +366,8 @@ def kl_lines(per_run):
 
 def main(argv):
     cfg, _ = parse_config(Config, argv=argv)
-    try:
-        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
-        [float(a) for a in cfg.match_acc.split(",") if a.strip()]
-    except ValueError:
-        raise UserError(f"--seeds={cfg.seeds} --match_acc={cfg.match_acc}: expected comma-separated numbers") from None
-    if not seeds:
-        raise UserError(f"--seeds={cfg.seeds}: no seed given")
+    seeds = parse_list(cfg.seeds, "seeds")
+    parse_list(cfg.match_acc, "match_acc", float, low=0)  # checked before hours of training, used in summarize
     t0 = time.time()
     base = os.path.join(cfg.out_dir, "base", "ckpt.pt")
     if not os.path.isfile(base):  # the experiment's own base stage: the same command, so both share it

@@ -374,3 +374,14 @@ def test_masked_mean_and_whiten_match_torch_on_the_real_tokens():
     kept = masked_whiten(x_pads, mask, shift_mean=False)  # scaled, not centred
     torch.testing.assert_close(kept[mask], (real - real.mean()) / torch.sqrt(real.var() + 1e-8) + real.mean())
     assert math.isclose(float(white[mask].std()), 1.0, rel_tol=1e-6)
+
+
+def test_parse_list_reads_comma_separated_knobs_and_names_the_bad_one():
+    assert common.parse_list("0, 1,2,", "seeds") == [0, 1, 2]
+    assert common.parse_list("0,0.05", "kl_coefs", float, low=0) == [0.0, 0.05]
+    assert common.parse_steps("", "snapshot_steps") == set() and common.parse_steps("20,10,20", "s") == {10, 20}
+    for text, kind, low, message in [("1,x", int, None, "--k=1,x: expected comma-separated integers"),
+                                     (" , ", float, None, "--k= , : expected one or more numbers"),
+                                     ("0.1,-2", float, 0, "--k=0.1,-2: every value must be >= 0")]:
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            common.parse_list(text, "k", kind, low)

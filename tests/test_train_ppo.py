@@ -403,7 +403,7 @@ def test_grpo_resumes_exactly_and_keeps_snapshots(tiny_ckpt, ppo_main, read_log,
     (["--group_size=3"], "into groups of --group_size=3 (a group stays on one rank)"),
     (["--advantage=grpo", "--group_size=2", "--kl_estimator=full"], "grpo puts the k3 KL estimate in the loss"),
     (["--advantage=grpo", "--group_size=2", "--whiten_rewards=true"], "only for --advantage=gae"),
-    (["--snapshot_steps=5,x"], "--snapshot_steps=5,x: expected comma-separated step numbers"),
+    (["--snapshot_steps=5,x"], "--snapshot_steps=5,x: expected comma-separated integers"),
 ])
 def test_critic_free_bad_knobs_are_one_line(args, message, tiny_ckpt, ppo_main, tmp_path):
     with pytest.raises(UserError, match=re.escape(message)):
