@@ -62,8 +62,8 @@ import kernels
 from nanopost.common import (RunLog, UserError, all_gather, all_reduce_max, all_reduce_sum, assert_in_sync, barrier,
                              build_model, check_finite, check_model_finite, entry, get_rng_state, knob, load_checkpoint,
                              load_weights, lock_out_dir, masked_mean, masked_whiten, parse_config, parse_steps, print0,
-                             resume_config, save_checkpoint, save_snapshot, set_rng_state, setup_runtime, sync_grads,
-                             teardown, validate)
+                             refuse_reward_model, resume_config, save_checkpoint, save_snapshot, set_rng_state,
+                             setup_runtime, sync_grads, teardown, validate)
 from nanopost.data import load_prompts
 from nanopost.evaluate import reward_eval, spread, task_eval
 from nanopost.model import ValueModel
@@ -236,6 +236,7 @@ def main(argv):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     resume = cfg.init_from == "resume"
     ckpt = load_checkpoint(ckpt_path if resume else cfg.init_from)
+    refuse_reward_model(ckpt, cfg.init_from)
     if resume:
         cfg = resume_config(Config, given, ckpt, ckpt_path, "train_ppo.py", RUN_DEFINING)
     validate(cfg)
@@ -267,6 +268,7 @@ def main(argv):
     ref_policy.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # the value head init: identical on every rank
     vckpt = (ckpt if resume else load_checkpoint(cfg.value_init) if cfg.value_init else None) if critic else None
+    refuse_reward_model(vckpt or {}, cfg.value_init)
     value_model = value_optimizer = value_args = None
     if critic and vckpt and "value_model" in vckpt:  # this run, or a PPO checkpoint: its trained value model whole
         value_args = vckpt["value_model_args"]

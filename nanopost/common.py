@@ -370,9 +370,17 @@ def load_weights(model, state_dict):
     return model
 
 
+def refuse_reward_model(ckpt, path):
+    """A reward model (train_sft.py on preference pairs) where a language model is expected: one line, not a
+    state-dict error listing every key."""
+    if ckpt.get("kind") == "reward_model":
+        raise UserError(f"{path} is a reward model, not a language model; use it as train_ppo.py --reward_model={path}")
+
+
 def load_model(path, device="cpu"):
     """The language model stored under "model" in any nanopost checkpoint, and the checkpoint."""
     ckpt = load_checkpoint(path, device)
+    refuse_reward_model(ckpt, path)
     model = load_weights(build_model(ckpt["model_args"]), ckpt["model"])
     return model.to(device), ckpt
 

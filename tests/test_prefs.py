@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -285,3 +286,15 @@ def test_ppo_raises_a_known_reward_model_and_logs_gold(tiny_gpt, tok, save_tiny_
     assert all("gold" in r for r in log)  # the built-in prompts: the verifier is logged beside the proxy
     first, last = sum(r["score"] for r in log[:3]) / 3, sum(r["score"] for r in log[-3:]) / 3
     assert abs(first) < 0.5 and last > first + 0.7, (first, last)  # a batch mean has std ~1/8 here
+
+
+def test_a_reward_model_where_a_language_model_is_expected_is_one_line(tiny_gpt, save_tiny_ckpt, ppo_main, tmp_path):
+    rm = save_tiny_ckpt(tmp_path / "rm.pt", tiny_gpt(), kind="reward_model")  # refused before its weights are read
+    lm = save_tiny_ckpt(tmp_path / "lm.pt", tiny_gpt())
+    message = f"^{re.escape(rm)} is a reward model, not a language model; use it as train_ppo.py --reward_model="
+    for load in (lambda: common.load_model(rm),  # nanopost.sample and nanopost.evaluate
+                 lambda: ppo_main([f"--init_from={rm}", f"--out_dir={tmp_path / 'a'}"]),
+                 lambda: ppo_main([f"--init_from={lm}", f"--value_init={rm}", f"--out_dir={tmp_path / 'b'}"])):
+        with pytest.raises(UserError, match=message):
+            load()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
