@@ -4,9 +4,11 @@ Its equality with Hugging Face's greedy generate on GPT-2 weights is in test_gpt
 import io
 import sys
 
+import pytest
 import torch
 
 from nanopost import sample
+from nanopost.common import UserError
 from nanopost.sample import fit
 
 
@@ -62,3 +64,11 @@ def test_fit_drops_the_oldest_exchanges(tok):
     assert kept == turns[2:] and ids == tok.encode_prompt(turns[2:])
     assert fit(tok, turns, block_size=5)[1] == turns[4:]  # the last user turn stays, even when it alone is too long
 
+
+
+def test_bad_input_is_one_line(tmp_path):
+    for argv, message in [([], "--init_from=PATH is required"),
+                          ([f"--init_from={tmp_path}"], f"{tmp_path}: no config.json"),
+                          ([f"--init_from={tmp_path}", "--temperature=-1"], "--temperature=-1")]:
+        with pytest.raises(UserError, match="^" + message.replace("(", r"\(")):
+            sample.main(argv)
