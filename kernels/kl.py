@@ -6,14 +6,16 @@ Per-token KL divergence between two categorical distributions given as logits, f
                = sum_i p_i (x_i - y_i) / T  -  lse_p  +  lse_q          (sum_i p_i = 1)
     lse_p = logsumexp(x / T),  lse_q = logsumexp(y / T)                  -> KL is (...,) float32
 
-The forward reads each row of x and y exactly once: it keeps running maxima m_x, m_y, running sums
-s_x = sum exp(x/T - m_x), s_y = sum exp(y/T - m_y), and acc = sum exp(x/T - m_x) (x - y)/T, rescaling
-all three by exp(m_old - m_new) whenever a chunk raises the maximum ("online softmax",
+The forward reads each row of x and y exactly once: it keeps running maxima m_x, m_y of the raw logits,
+running sums s_x = sum exp((x - m_x)/T), s_y = sum exp((y - m_y)/T), and acc = sum exp((x - m_x)/T) (x - y)/T,
+rescaling all three by exp((m_old - m_new)/T) whenever a chunk raises the maximum ("online softmax",
 Milakov & Gimelshein 2018, "Online normalizer calculation for softmax", arXiv:1805.02867). Then
-KL = acc / s_x - lse_p + lse_q. Only five floats per row (m_x, log s_x, m_y, log s_y, acc / s_x) are saved
-for the backward, which recomputes p and q from the logits instead of storing an (N, V) probability matrix.
-lse is kept split as (m, log s): p_i = exp((x_i/T - m_x) - log s_x) never subtracts two numbers of the size
-of the logits after rounding, which a single fp32 lse ~ 1e4 (spacing 1e-3) would.
+KL = acc / s_x - (m_x - m_y)/T - (log s_x - log s_y). Only five floats per row (m_x, log s_x, m_y, log s_y,
+acc / s_x) are saved for the backward, which recomputes p and q from the logits instead of storing an (N, V)
+probability matrix.
+lse is kept split as (m, log s): p_i = exp((x_i - m_x)/T - log s_x) never subtracts two numbers of the size
+of the logits after rounding, which a single fp32 lse ~ 1e4 (spacing 1e-3) would; nor is x/T rounded before
+the max is subtracted (at T != 1 that alone costs ulp(|x|/T) per logit).
 
 Which KL you get depends on argument order: token_kl(policy, ref) is KL(policy || ref), the usual
 PPO/RLHF penalty; the forward KL to a base model is token_kl(base_logits, logits).
@@ -78,28 +80,30 @@ def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b,
     y_ptr += (row // n_inner) * y_stride_a + (row % n_inner) * y_stride_b
     cols = tl.arange(0, BLOCK)
 
-    m_x = tl.full([], float("-inf"), tl.float32)   # running max of x/T
+    # The raw logits are shifted by their running max BEFORE the 1/T scaling: x/T rounded first would cost
+    # ulp(|x|/T) per logit (~1e-3 at |x| ~ 1e4), where x - max(x) is exact for the logits that matter.
+    m_x = tl.full([], float("-inf"), tl.float32)   # running max of x (raw)
     m_y = tl.full([], float("-inf"), tl.float32)
-    s_x = tl.zeros([], tl.float32)                 # sum exp(x/T - m_x)
+    s_x = tl.zeros([], tl.float32)                 # sum exp((x - m_x)/T)
     s_y = tl.zeros([], tl.float32)
-    acc = tl.zeros([], tl.float32)                 # sum exp(x/T - m_x) * (x - y)/T
+    acc = tl.zeros([], tl.float32)                 # sum exp((x - m_x)/T) * (x - y)/T
     for off in range(0, n_cols, BLOCK):
         mask = off + cols < n_cols
-        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        y = tl.load(y_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        y = tl.load(y_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_x_new = tl.maximum(m_x, tl.max(x, axis=0))
         m_y_new = tl.maximum(m_y, tl.max(y, axis=0))
         # While every entry seen so far is -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
         sh_x = tl.where(m_x_new == float("-inf"), 0.0, m_x_new)
         sh_y = tl.where(m_y_new == float("-inf"), 0.0, m_y_new)
-        alpha_x = tl.exp(m_x - sh_x)               # 0 on the first finite chunk, since m_x = -inf
-        alpha_y = tl.exp(m_y - sh_y)
-        e_x = tl.exp(x - sh_x)
-        e_y = tl.exp(y - sh_y)
+        alpha_x = tl.exp((m_x - sh_x) * inv_temp)  # 0 on the first finite chunk, since m_x = -inf
+        alpha_y = tl.exp((m_y - sh_y) * inv_temp)
+        e_x = tl.exp((x - sh_x) * inv_temp)
+        e_y = tl.exp((y - sh_y) * inv_temp)
         # p_i = 0 (x = -inf, incl. the masked tail) adds 0, not 0 * inf = NaN. q_i = 0 under p_i > 0 adds
         # +inf explicitly, because e_x may have underflowed to 0 even though p_i > 0 mathematically.
         term = tl.where(x == float("-inf"), 0.0,
-                        tl.where(y == float("-inf"), float("inf"), e_x * (x - y)))
+                        tl.where(y == float("-inf"), float("inf"), e_x * ((x - y) * inv_temp)))
         s_x = s_x * alpha_x + tl.sum(e_x, axis=0)
         s_y = s_y * alpha_y + tl.sum(e_y, axis=0)
         acc = acc * alpha_x + tl.sum(term, axis=0)
@@ -111,7 +115,7 @@ def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b,
     # Grouped so the two O(|logits|) maxima cancel first: with |x|, |y| ~ 1e4, (m_x + log s_x) rounded
     # on its own would cost ~1e-3 of absolute error in a KL that may be ~1e-6.
     mean = acc / s_x                               # E_p[x - y] / T, kept for the backward
-    kl = mean - (m_x - m_y) - (log_s_x - log_s_y)
+    kl = mean - (m_x - m_y) * inv_temp - (log_s_x - log_s_y)
     tl.store(kl_ptr + row, kl)
     tl.store(mean_ptr + row, mean)
     tl.store(max_x_ptr + row, m_x)
@@ -148,15 +152,15 @@ def _kl_bwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b,
     cols = tl.arange(0, BLOCK)
     for off in range(0, n_cols, BLOCK):
         mask = off + cols < n_cols
-        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        y = tl.load(y_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        p = tl.exp((x - m_x) - log_s_x)
+        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)  # raw, as in the forward
+        y = tl.load(y_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        p = tl.exp((x - m_x) * inv_temp - log_s_x)
         if NEED_DX:
             # p_i = 0 has zero gradient; unmasked it would be 0 * (-inf - ...) = NaN
-            dx = tl.where(x == float("-inf"), 0.0, p * ((x - y) - mean)) * g
+            dx = tl.where(x == float("-inf"), 0.0, p * ((x - y) * inv_temp - mean)) * g
             tl.store(dx_ptr + off + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DY:
-            dy = (tl.exp((y - m_y) - log_s_y) - p) * g
+            dy = (tl.exp((y - m_y) * inv_temp - log_s_y) - p) * g
             tl.store(dy_ptr + off + cols, dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
 
@@ -165,7 +169,7 @@ def _kl_bwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b,
 
 def _kl_forward(x3, y3, temperature, block):
     """x3, y3 (A, B, V) with unit last stride (N = A * B rows) -> kl (N,) fp32 and the backward's five (N,) fp32
-    row statistics: E_p[x - y]/T, max x/T, log sum exp(x/T - max x/T), and the same two for y."""
+    row statistics: E_p[x - y]/T, max x, log sum exp((x - max x)/T), and the same two for y."""
     A, B, V = x3.shape
     N = A * B
     assert y3.shape == x3.shape, f"ref_logits rows {tuple(y3.shape)} != logits rows {tuple(x3.shape)}"

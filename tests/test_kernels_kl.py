@@ -111,6 +111,17 @@ def test_large_magnitude():
     check(base, base + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7)), block=128)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_large_magnitude_at_a_temperature(temperature):
+    # x / T rounded before the max is subtracted costs ulp(1e4 / T) ~ 1e-3 per logit, a KL error far above the
+    # tolerance when the KL itself is ~1e-4: the kernels subtract the raw maximum first, then scale.
+    base = 1e4 + torch.randn((4, 777), generator=torch.Generator().manual_seed(8))
+    close = base + 0.01 * torch.randn(base.shape, generator=torch.Generator().manual_seed(9))
+    check(base, close, temperature=temperature, block=128)
+    x, y = make((4, 777), torch.float32, scale=1e4, seed=10)
+    check(x, y, temperature=temperature, block=128)
+
+
 def test_neg_inf_entries():
     # -inf logits, as a top-k / vocab mask produces. Chunk 4 puts whole all -inf chunks at the front.
     x, y = make((3, 16), torch.float32, seed=6)
