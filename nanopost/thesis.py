@@ -49,7 +49,7 @@ import torch
 
 from nanopost.common import entry, knob, load_model, parse_config, parse_list, resolve_device
 from nanopost.evaluate import _eval_mode, evaluate_checkpoints, spread
-from nanopost.experiment import ROOT, pearson, run_stage
+from nanopost.experiment import ROOT, SFT_SNAPSHOTS, pearson, run_stage, snapshots, value_at
 from nanopost.rollout import response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import demonstrate, load_world
@@ -71,17 +71,6 @@ def bootstrap_ci(xs, level=0.95, n_boot=10000, seed=0):
     means = x[np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))].mean(1)
     lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
     return float(x.mean()), float(lo), float(hi)
-
-
-def value_at(curve, x):
-    """y where a trajectory first reaches x: curve = [(x, y), ...] in training order, linear between the two
-    points whose x bracket it. None if it never does (interpolation only, never extrapolation)."""
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
-        if min(x0, x1) <= x <= max(x0, x1):
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    if len(curve) == 1 and curve[0][0] == x:
-        return curve[0][1]
-    return None
 
 
 def r_squared(xs, ys):
@@ -180,7 +169,7 @@ class Config:
     out_dir: str = knob("out", "base/ is read (or trained) here; runs go to thesis/s<seed>/<method>/")
     seeds: str = knob("0,1,2,3,4", "comma-separated training seeds (the base model is shared by all)")
     sft_iters: int = knob(150, "train_sft.py --max_iters of sft (150: the 98% model that collapses)", ge=1)
-    sft_snapshots: str = knob("2,4,6,8,10,12,16,20,30,50,100", "sft steps kept as trajectory points (dense early: "
+    sft_snapshots: str = knob(SFT_SNAPSHOTS, "sft steps kept as trajectory points (dense early: "
                                                               "SFT passes PPO's accuracy within ~10 steps)")
     ppo_iters: int = knob(200, "train_ppo.py --max_iters of ppo, ppo_kl0 and grpo", ge=1)
     ppo_snapshot_every: int = knob(20, "keep a ppo/ppo_kl0/grpo snapshot every this many iterations", ge=1)
@@ -205,15 +194,6 @@ class Config:
     readme_plot: bool = knob(True, "also copy the curves to .assets/thesis.png, the README's figure (off for a pilot)")
 
 
-def _snaps(out_dir, final_step):
-    """[(step, path)] of a run's snapshots and its final checkpoint, in training order."""
-    snap = os.path.join(out_dir, "snap")
-    steps = sorted(int(n[5:-3]) for n in os.listdir(snap) if n.startswith("step_") and n.endswith(".pt")) \
-        if os.path.isdir(snap) else []
-    return [(s, os.path.join(snap, f"step_{s}.pt")) for s in steps if s < final_step] + \
-        [(final_step, os.path.join(out_dir, "ckpt.pt"))]
-
-
 def run_seed(cfg, base, seed):
     """Train the five methods of one seed (skipping finished stages) -> {method: [(step, ckpt path)]}."""
     d = os.path.join(cfg.out_dir, "thesis", f"s{seed}")
@@ -222,14 +202,14 @@ def run_seed(cfg, base, seed):
     out = os.path.join(d, "sft")
     run_stage(cfg, f"sft seed={seed}", "train_sft.py", ["--data=sft", f"--init_from={base}",
               f"--max_iters={cfg.sft_iters}", f"--snapshot_steps={cfg.sft_snapshots}"] + common, out, inputs=[base])
-    runs["sft"] = _snaps(out, cfg.sft_iters)
+    runs["sft"] = snapshots(out, cfg.sft_iters)
     every = ",".join(str(s) for s in range(cfg.ppo_snapshot_every, cfg.ppo_iters, cfg.ppo_snapshot_every))
     ppo = [f"--init_from={base}", f"--max_iters={cfg.ppo_iters}", "--max_minutes=0", f"--snapshot_steps={every}"]
     for method, extra in (("ppo", [f"--kl_coef={cfg.kl_coef}"]), ("ppo_kl0", ["--kl_coef=0"]),
                           ("grpo", [f"--kl_coef={cfg.kl_coef}", "--advantage=grpo", f"--group_size={cfg.group_size}"])):
         out = os.path.join(d, method)
         run_stage(cfg, f"{method} seed={seed}", "train_ppo.py", ppo + extra + common, out, inputs=[base])
-        runs[method] = _snaps(out, cfg.ppo_iters)
+        runs[method] = snapshots(out, cfg.ppo_iters)
     runs["rft"], latest, step = [], base, 0
     for r in range(cfg.rft_rounds):
         out = os.path.join(d, "rft", f"round{r}")

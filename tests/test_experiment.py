@@ -1,7 +1,7 @@
 """
-nanopost.experiment: the report (its table, statistics and plot), the stage runner's skip logic and the wiring of
-each method to its start checkpoint and budget. The training scripts are stood in for by fakes: their own tests
-run them.
+nanopost.experiment: the report (its table, statistics and plot), SFT interpolated at the RL run's accuracy, the
+stage runner's skip logic and the wiring of each method to its start checkpoint and budget. The training scripts
+are stood in for by fakes: their own tests run them.
 """
 
 import math
@@ -18,16 +18,18 @@ def fake_runs():
                     dloss_mean=dloss, **{"dloss/facts": dloss, "dprobe/facts": -dloss, "loss/facts": 2.0 + dloss,
                                          "probe/facts": 0.8 - dloss})
     return {"base": [run(0.1, 0.0, 0.0)], "sft": [run(0.5, 0.3, 2.0), run(0.7, 0.5, 3.0)],
-            "ppo": [run(0.6, 0.01, 0.1), run(0.6, 0.03, 0.2)]}
+            "grpo": [run(0.6, 0.01, 0.1), run(0.6, 0.03, 0.2)]}
 
 
 def test_report_table_statistics_and_plot(tmp_path):
-    table = X.write_report(str(tmp_path), fake_runs())
+    runs = fake_runs()
+    trajectories = [[runs["base"][0], sft] for sft in runs["sft"]]  # base -> end: the ends are the only snapshots
+    table = X.write_report(str(tmp_path), runs, trajectories=trajectories)
     text = (tmp_path / "report.md").read_text()
     assert (tmp_path / "forgetting_vs_accuracy.png").stat().st_size > 1000
     assert "![forgetting vs accuracy](forgetting_vs_accuracy.png)" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert list(rows) == ["method", "base", "sft", "ppo"]
+    assert list(rows) == ["method", "base", "sft", "grpo"]
     assert r"KL(base\|\|pi)" in rows["method"]  # escaped, or the header would have one cell too many
     assert all(row.count(" | ") == rows["method"].count(" | ") for row in rows.values())
     assert table.splitlines()[0].split()[:3] == ["method", "seeds", "acc"]  # plain text for stdout
@@ -36,12 +38,13 @@ def test_report_table_statistics_and_plot(tmp_path):
     assert "+0.4000 ± 0.1414" in rows["sft"]  # dloss_mean: mean 0.4, std 0.1414
     assert "| 0.100 |" in rows["base"]  # one seed: the value alone, no spread
     assert "held-out loss facts 2.0000; probe accuracy facts 0.800" in text
-    # KL (2, 3, 0.1, 0.2) against dloss (0.3, 0.5, 0.01, 0.03) over the 4 post-trained runs, base left out
+    # KL (2, 3, 0.1, 0.2) against dloss (0.3, 0.5, 0.01, 0.03) over the 4 post-trained checkpoints, base left out
+    # (it starts each trajectory) and each sft end counted once (it ends its trajectory and is a run)
     kl, dl = [2.0, 3.0, 0.1, 0.2], [0.3, 0.5, 0.01, 0.03]
     mk, md = sum(kl) / 4, sum(dl) / 4
     r = sum((a - mk) * (b - md) for a, b in zip(kl, dl)) / math.sqrt(
         sum((a - mk) ** 2 for a in kl) * sum((b - md) ** 2 for b in dl))
-    assert f"over 4 post-trained runs: {r:+.3f}" in text
+    assert f"over 4 post-trained checkpoints (SFT's snapshots and both runs' ends): {r:+.3f}" in text
     assert X.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0) and X.pearson([1, 2], [1, 2]) is None
 
 
@@ -66,8 +69,11 @@ def test_run_stage_skips_only_when_command_and_inputs_are_unchanged(tmp_path, mo
     assert run(["--max_iters=5"]) == out + "/ckpt.pt" and len(calls) == 1
     run(["--max_iters=5"])
     assert len(calls) == 1, "same command, same input: skipped"
+    os.makedirs(os.path.join(out, "snap"))
+    open(os.path.join(out, "snap", "step_3.pt"), "w").close()  # the first run's trajectory
     run(["--max_iters=6"])
     assert len(calls) == 2, "changed command: rerun"
+    assert not os.path.exists(os.path.join(out, "snap")), "a rerun's trajectory must not mix in the old run's"
     os.utime(base, (base.stat().st_mtime + 10,) * 2)  # the base model was retrained
     run(["--max_iters=6"])
     assert len(calls) == 3, "changed input checkpoint: rerun"
@@ -88,17 +94,31 @@ def test_stages_wire_each_method_to_its_start_and_budget(tmp_path, monkeypatch):
         return values[-1] if values else None
 
     monkeypatch.setattr(X, "run_stage", fake_stage)
+    snap = tmp_path / "s3" / "sft" / "snap"  # what train_sft.py --snapshot_steps leaves; step 200 is past the end
+    snap.mkdir(parents=True)
+    for step in (10, 2, 200):
+        (snap / f"step_{step}.pt").write_text("x")
     cfg = X.Config(out_dir=str(tmp_path), sft_iters=150, sft_args="--max_iters=40")
-    ckpts = X.run_all_stages(cfg, [3])
-    assert set(ckpts) == set(X.METHODS) and all(3 in ckpts[m] for m in X.METHODS[1:])
+    ckpts, trajectories = X.run_all_stages(cfg, [3])
+    assert set(ckpts) == {"base", "sft", "grpo"} and X.methods(cfg) == ["base", "sft", "sft_matched", "grpo"]
     base = ckpts["base"][None]
-    # sft_short is the sft command (same data, seed, start) with the short budget last, so it wins
-    assert calls["sft_short seed=3"][1][:-1] == calls["sft seed=3"][1] and arg("sft_short seed=3", "max_iters") == "8"
+    assert trajectories[3] == [str(snap / "step_2.pt"), str(snap / "step_10.pt"), ckpts["sft"][3]]
     assert arg("sft seed=3", "max_iters") == "40"  # the user's --sft_args come after the knob
-    assert arg("sft_kl seed=3", "sft_kl_coef") == "0.1"
-    assert arg("ppo seed=3", "init_from") == base and arg("ppo seed=3", "max_iters") == "200"
-    assert arg("ppo_sft_short seed=3", "init_from") == ckpts["sft_short"][3]
-    assert calls["ppo_sft_short seed=3"][2] == [ckpts["sft_short"][3]]  # retrained sft_short -> rerun
-    assert arg("ppo_sft_short seed=3", "max_iters") == "100"
-    assert all(arg(f"{m} seed=3", "max_minutes") == "0" for m in ("ppo", "ppo_sft_short"))
-    assert all(arg(f"{m} seed=3", "seed") == "3" for m in X.METHODS[1:])
+    assert arg("sft seed=3", "snapshot_steps") == X.SFT_SNAPSHOTS
+    assert arg("grpo seed=3", "init_from") == base and arg("grpo seed=3", "max_iters") == "200"
+    assert arg("grpo seed=3", "advantage") == "grpo" and arg("grpo seed=3", "group_size") == "8"
+    assert all(arg(f"{m} seed=3", "seed") == "3" for m in ("sft", "grpo"))
+    assert arg("grpo seed=3", "max_minutes") == "0" and calls["grpo seed=3"][2] == [base]
+    ckpts, _ = X.run_all_stages(X.Config(out_dir=str(tmp_path), advantage="gae"), [3])
+    assert "ppo" in ckpts and arg("ppo seed=3", "advantage") == "gae" and arg("ppo seed=3", "group_size") is None
+
+
+def test_sft_matched_interpolates_every_metric_at_the_rl_accuracy():
+    base = dict(accuracy=0.0, dloss_mean=0.0, kl_base=0.0, name="base")
+    traj = [base, dict(accuracy=0.4, dloss_mean=0.1, kl_base=1.0), dict(accuracy=0.8, dloss_mean=0.5, kl_base=3.0),
+            dict(accuracy=0.6, dloss_mean=0.9, kl_base=4.0)]  # falls back below 0.8 at the end
+    m = X.matched(traj, 0.6)  # first reached between 0.4 and 0.8: halfway, not at the later 0.6 end
+    assert m == pytest.approx(dict(accuracy=0.6, dloss_mean=0.3, kl_base=2.0))
+    assert X.matched(traj, 0.2) == pytest.approx(dict(accuracy=0.2, dloss_mean=0.05, kl_base=0.5))
+    assert X.matched(traj, 0.9) is None  # never reached: no extrapolation
+    assert X.value_at([(0.0, 1.0), (1.0, 3.0)], 0.25) == pytest.approx(1.5)
