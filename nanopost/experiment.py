@@ -3,7 +3,7 @@ The quick start's experiment: does SFT forget more than RL at the same new-task 
 Shenfeld, Pari & Agrawal 2025: RL forgets less, and forgetting tracks the forward KL(pi_base || pi) measured on
 the new task.)
 
-    python -m nanopost.experiment                      # 1 seed, ~9 min on 2 idle CPU cores
+    python -m nanopost.experiment                      # 1 seed, 7.5 min on 2 idle CPU cores
     python -m nanopost.experiment --seeds=0,1,2        # mean and spread over 3 seeds
     python -m nanopost.experiment --advantage=gae      # RL = PPO with a value model (+2 min: a second trunk)
 

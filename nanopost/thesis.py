@@ -1,7 +1,7 @@
 """
 The thesis study: does PPO forget less than SFT at matched accuracy, and is it the KL anchor or the on-policy data?
 
-    python -m nanopost.thesis --seeds=0,1,2,3,4   # the full study: 19.5 min per seed on 2 idle cores (seed 0)
+    python -m nanopost.thesis --seeds=0,1,2,3,4   # the full study: ~1 h 25 min on 2 idle cores (THESIS.md)
     OMP_NUM_THREADS=1 python -m nanopost.thesis ...  # on a shared machine (2 threads on busy cores spun 40x slower)
     python -m nanopost.thesis --seeds=0 --ppo_iters=80 --ppo_snapshot_every=10 --rft_rounds=10 --rft_k=4 \
         --rft_epochs=4 --k=4 --n_prompts=16 --max_docs=32 --match_acc=0.1,0.3,0.5 --readme_plot=false  # a pilot
@@ -284,8 +284,11 @@ def method_table(per_run, levels, seeds, n_boot):
 def paired_differences(per_run, levels, seeds, n_boot):
     """The three questions, as per-seed differences in forgetting at matched accuracy (positive = the first
     method forgets more), mean and 95% bootstrap interval over the seeds where both runs reach the level."""
-    pairs = [("sft", "ppo", "does PPO forget less than SFT?"), ("ppo_kl0", "ppo", "does removing the anchor matter?"),
+    pairs = [("sft", "ppo", "does PPO forget less than SFT?"), ("sft", "grpo", "does GRPO forget less than SFT?"),
+             ("sft", "ppo_kl0", "does PPO without the anchor forget less than SFT?"),
+             ("ppo_kl0", "ppo", "does removing the anchor matter?"),
              ("rft", "sft", "does on-policy SFT forget less than SFT?"), ("rft", "ppo", "does rft retain like PPO?"),
+             ("rft", "ppo_kl0", "on-policy, no anchor: SFT on verified samples vs the policy gradient"),
              ("grpo", "ppo", "critic-free vs PPO")]
     lines = []
     for a, b, question in pairs:
