@@ -43,7 +43,8 @@ def main(path, n_batches=30, block_size=128, batch_size=32):
     print(f"{path}: {len(examples)} conversations, {real / (n_batches * batch_size):.0f} tokens each on average | "
           f"{n_batches} batches of {batch_size} | block_size {block_size} | model {model.num_params() / 1e6:.2f}M "
           f"params | torch {torch.__version__} | {torch.get_num_threads()} threads")
-    print(f"| {'layout':<7}| {'positions computed':>18} | {'real share':>10} | {'seconds':>8} | {'real tokens/s':>13} |")
+    print(f"| {'layout':<7}| {'positions computed':>18} | {'real share':>10} | {'seconds':>8} "
+          f"| {'real tokens/s':>13} |")
     print(f"|{'-' * 8}|{'-' * 20}|{'-' * 12}|{'-' * 10}|{'-' * 15}|")
     for name in layouts:
         print(f"| {name:<7}| {positions[name]:>18,} | {real / positions[name]:>10.2f} | {seconds[name]:>8.2f} | "

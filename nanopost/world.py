@@ -255,7 +255,8 @@ def _story(rng, people):
 
 
 def _difference_is_doc(rng, n, sub_heldout_set, heldout):
-    """'Find two numbers whose difference is n.' -> a random valid a-b=n (a up to 99), from the train or held-out pairs."""
+    """'Find two numbers whose difference is n.' -> a random valid a-b=n (a up to 99), from the train or held-out
+    pairs."""
     options = [(n + b, b) for b in range(TASK_MAX_N - n + 1) if ((n + b, b) in sub_heldout_set) == heldout]
     if not options:
         return None

@@ -298,3 +298,27 @@ def test_a_reward_model_where_a_language_model_is_expected_is_one_line(tiny_gpt,
         with pytest.raises(UserError, match=message):
             load()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_ppo_with_a_reward_model_on_your_prompts(tiny_gpt, tok, save_tiny_ckpt, ppo_main, read_log, tmp_path):
+    # your prompts have no verifier: no gold is logged, and the held-out tenth is scored by the reward model itself
+    rewarded = tok.encode("7")[0]
+    rm, scores = one_token_reward_model(tiny_gpt, tok, rewarded)
+    norm = dict(mean=scores.mean().item(), std=scores.std().item())
+    path = save_tiny_ckpt(tmp_path / "rm.pt", rm.trunk, kind="reward_model", reward_norm=norm)
+    ckpt = load_checkpoint(path)
+    ckpt["model"] = rm.state_dict()
+    torch.save(ckpt, path)
+    prompts = write(tmp_path / "prompts.jsonl", [dict(prompt=f"Pick a number, {i}.") for i in range(80)])
+    policy = save_tiny_ckpt(tmp_path / "policy.pt", tiny_gpt(seed=1, n_embd=32))
+    out = str(tmp_path / "ppo")
+    ppo_main([f"--init_from={policy}", f"--out_dir={out}", f"--reward_model={path}", f"--prompts={prompts}",
+              "--max_new_tokens=1", "--batch_size=64", "--num_minibatches=1", "--learning_rate=3e-2", "--kl_coef=0",
+              "--max_iters=12", "--eval_interval=0", "--eval_prompts=8", "--eval_k=8"])
+    train, evals = read_log(out, "train"), read_log(out, "eval")
+    assert not any("gold" in r for r in train)
+    assert [e["step"] for e in evals] == [0, 12] and all(set(e) >= {"reward", "ended"} for e in evals)
+    # the same reward model scores training and evaluation: both rise from ~0 (a uniform policy) toward 1
+    first, last = sum(r["score"] for r in train[:3]) / 3, sum(r["score"] for r in train[-3:]) / 3
+    assert abs(first) < 0.5 and last > first + 0.7, (first, last)
+    assert abs(evals[0]["reward"]) < 0.5 and evals[1]["reward"] > evals[0]["reward"] + 0.7, evals

@@ -190,13 +190,16 @@ def test_smoke_and_exact_resume(tiny_ckpt, run_ppo, read_log, tmp_path):
     assert resumed["kl_coef"] == ckpt["kl_coef"]
 
 
-def test_ddp_two_processes(tiny_ckpt, run_ppo, read_log, tmp_path):
-    # Compared: both ranks finish with identical policy and value weights (train_ppo asserts it after every
-    # update), and the logged aggregates cover the global batch of 8 responses, 4 sampled per rank. The
-    # gradient identity DDP relies on is test_global_token_count_makes_split_batches_equal_one_batch.
+@pytest.mark.parametrize("extra, per_rank", [([], "4 prompts/rank/iter x 1 samples"),
+                                              (["--advantage=grpo", "--group_size=2"], "2 prompts/rank/iter x 2")])
+def test_ddp_two_processes(extra, per_rank, tiny_ckpt, run_ppo, read_log, tmp_path):
+    # Compared: both ranks finish with identical policy (and value) weights (train_ppo asserts it after every
+    # update), and the logged aggregates cover the global batch of 8 responses, 4 sampled per rank (grpo: two
+    # whole groups of 2 per rank, never split). The gradient identity DDP relies on is
+    # test_global_token_count_makes_split_batches_equal_one_batch.
     out = str(tmp_path / "ddp")
-    proc = run_ppo([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=2"], nproc=2)
-    assert "2 rank(s) | 4 prompts/rank/iter" in proc.stdout
+    proc = run_ppo([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=2", *extra], nproc=2)
+    assert f"2 rank(s) | {per_rank}" in proc.stdout
     recs = read_log(out, "train")
     assert [r["step"] for r in recs] == [1, 2] and all(r["n_responses"] == 8 for r in recs)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
