@@ -169,8 +169,8 @@ class Config:
     out_dir: str = knob("out", "base/ is read (or trained) here; runs go to thesis/s<seed>/<method>/")
     seeds: str = knob("0,1,2,3,4", "comma-separated training seeds (the base model is shared by all)")
     sft_iters: int = knob(150, "train_sft.py --max_iters of sft (150: the 98% model that collapses)", ge=1)
-    sft_snapshots: str = knob(SFT_SNAPSHOTS, "sft steps kept as trajectory points (dense early: "
-                                                              "SFT passes PPO's accuracy within ~10 steps)")
+    sft_snapshots: str = knob(SFT_SNAPSHOTS, "sft steps kept as trajectory points (dense early: SFT passes PPO's "
+                                             "accuracy within ~10 steps)")
     ppo_iters: int = knob(200, "train_ppo.py --max_iters of ppo, ppo_kl0 and grpo", ge=1)
     ppo_snapshot_every: int = knob(20, "keep a ppo/ppo_kl0/grpo snapshot every this many iterations", ge=1)
     kl_coef: float = knob(0.05, "the anchor of ppo and grpo (train_ppo.py's default); beta of pi*", gt=0)
