@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from nanopost.common import entry, knob, parse_config, parse_list, resolve_device
+from nanopost.common import entry, knob, parse_config, parse_list, resolve_device, validate
 from nanopost.evaluate import evaluate_checkpoints, format_table, render_table, table_columns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: train_*.py live here
@@ -46,29 +46,39 @@ SFT_SNAPSHOTS = "2,4,6,8,10,12,16,20,30,50,100"  # dense early: SFT passes RL's 
 
 
 @dataclass
-class Config:
+class EvalKnobs:
+    """The evaluation this experiment and nanopost.thesis share, so their numbers compare: k samples on n_prompts
+    held-out prompts. Measured ~20 CPU-s per checkpoint at 8 x 32 with 32-token responses (half in sampling, a third
+    in the two forwards for entropy and KL); 8 x 24 keeps a seed's checkpoints and snapshots near a minute on 2
+    cores."""
+    k: int = knob(8, "evaluation: samples per held-out prompt", ge=1)
+    n_prompts: int = knob(24, "evaluation: held-out task prompts, spread over the 54 of world.eval_prompts", ge=1)
+    max_new_tokens: int = knob(32, "evaluation: response length limit (a valid answer is <= 9 tokens)", ge=1)
+    eval_seed: int = knob(0, "evaluation: sampling seed")
+    max_docs: int = knob(64, "evaluation: held-out documents per pretraining skill", ge=1)
+
+    def eval_kwargs(self):
+        """The keyword arguments of nanopost.evaluate.evaluate_checkpoints these knobs stand for."""
+        return dict(k=self.k, n_prompts=self.n_prompts, max_new_tokens=self.max_new_tokens, seed=self.eval_seed,
+                    max_docs=self.max_docs)
+
+
+@dataclass
+class Config(EvalKnobs):
     out_dir: str = knob("out", "everything goes under here: base/, s<seed>/<method>/, report.md")
     seeds: str = knob("0", "comma-separated training seeds, e.g. 0,1,2 (the base model is shared by all)")
     advantage: str = knob("grpo", "the RL run: train_ppo.py --advantage (grpo, rloo: group baseline; gae: PPO "
                                   "with a value model, ~2 min more per seed)", choices=("gae", "grpo", "rloo"))
     group_size: int = knob(8, "train_ppo.py --group_size for grpo and rloo (64 responses = 8 prompts x 8)", ge=2)
-    base_iters: int = knob(0, "train_sft.py --data=pretrain --max_iters for the base model; 0 = its default, 2400")
+    base_iters: int = knob(0, "train_sft.py --data=pretrain --max_iters of the base; 0 = its default, 2400", ge=0)
     sft_iters: int = knob(150, "train_sft.py --max_iters for sft (150: the 98% model that collapses)", ge=1)
     # RL from the base scores ~1% for a while, then takes off (near iteration 30 in some seeds, 160 in others):
     # 200 iterations learned in every seed tried. train_ppo.py's wall-clock limit is off here, so a run does the
     # same work on any machine
-    ppo_iters: int = knob(200, "train_ppo.py --max_iters for the RL run (from the base)")
+    ppo_iters: int = knob(200, "train_ppo.py --max_iters for the RL run (from the base)", ge=1)
     base_args: str = knob("", "extra --key=value overrides for the base stage, space-separated")
     sft_args: str = knob("", "extra overrides for the sft stage")
     ppo_args: str = knob("", "extra overrides for the RL stage")
-    # evaluation: k samples on n_prompts held-out prompts. Measured ~20 CPU-s per checkpoint at 8 x 32 with 32-token
-    # responses (half in sampling, a third in the two forwards for entropy and KL); 8 x 24 keeps a seed's
-    # checkpoints and snapshots near a minute on 2 cores
-    k: int = knob(8, "samples per held-out prompt")
-    n_prompts: int = knob(24, "held-out task prompts, evenly spread over the 54 of world.eval_prompts")
-    max_new_tokens: int = knob(32, "response length limit at evaluation (a valid answer is <= 9 tokens)")
-    eval_seed: int = knob(0, "sampling seed of the evaluation")
-    max_docs: int = knob(64, "held-out documents per pretraining skill")
     device: str = knob("auto", "cpu, cuda, or auto (passed to the training scripts too)")
     force: bool = knob(False, "rerun stages whose checkpoint already exists")
 
@@ -332,6 +342,7 @@ def write_report(out_dir, per_method, per_run=None, config=None, notes=(), traje
 
 def main(argv):
     cfg, _ = parse_config(Config, argv=argv)
+    validate(cfg)  # every knob checked before minutes of training, not when its stage starts
     seeds = parse_list(cfg.seeds, "seeds")
     t0 = time.time()
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -341,9 +352,7 @@ def main(argv):
 
     base, rl = ckpts["base"][None], rl_name(cfg)
     paths = [p for s in seeds for p in sft_paths[s]] + list(ckpts[rl].values())
-    results = evaluate_checkpoints(base, paths, device=resolve_device(cfg.device), k=cfg.k,
-                                   n_prompts=cfg.n_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed,
-                                   max_docs=cfg.max_docs)
+    results = evaluate_checkpoints(base, paths, device=resolve_device(cfg.device), **cfg.eval_kwargs())
     t_eval = time.time() - t0 - t_train
     r = resource.getrusage(resource.RUSAGE_SELF)
     cpu_eval = r.ru_utime + r.ru_stime - cpu_self0

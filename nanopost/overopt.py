@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from nanopost.common import UserError, entry, knob, parse_config, parse_list
+from nanopost.common import UserError, entry, knob, parse_config, parse_list, validate
 from nanopost.experiment import _children_cpu, run_stage
 
 
@@ -109,6 +109,7 @@ def plot(curves, path):
 
 def main(argv):
     cfg, _ = parse_config(Config, argv=argv)
+    validate(cfg)  # every knob checked before minutes of training, not when its stage starts
     coefs = parse_list(cfg.kl_coefs, "kl_coefs", float, low=0)
     if not os.path.isfile(cfg.base):
         raise UserError(f"--base={cfg.base}: no such checkpoint; train one with python train_sft.py --data=pretrain "

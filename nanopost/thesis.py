@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from nanopost.common import entry, knob, load_model, parse_config, parse_list, resolve_device
+from nanopost.common import entry, knob, load_model, parse_config, parse_list, resolve_device, validate
 from nanopost.evaluate import _eval_mode, evaluate_checkpoints, spread
-from nanopost.experiment import ROOT, SFT_SNAPSHOTS, pearson, run_stage, snapshots, value_at
+from nanopost.experiment import ROOT, SFT_SNAPSHOTS, EvalKnobs, pearson, run_stage, snapshots, value_at
 from nanopost.rollout import response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import demonstrate, load_world
@@ -165,7 +165,7 @@ def write_rft_data(ckpt_path, out_path, k, seed, max_new_tokens=16, temperature=
 # the study
 
 @dataclass
-class Config:
+class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: the quick start's evaluation
     out_dir: str = knob("out", "base/ is read (or trained) here; runs go to thesis/s<seed>/<method>/")
     seeds: str = knob("0,1,2,3,4", "comma-separated training seeds (the base model is shared by all)")
     sft_iters: int = knob(150, "train_sft.py --max_iters of sft (150: the 98% model that collapses)", ge=1)
@@ -183,11 +183,6 @@ class Config:
     rft_batch: int = knob(16, "rft: train_sft.py --batch_size", ge=1)
     rft_lr: float = knob(1e-4, "rft: constant learning rate, no warmup (train_ppo.py's policy lr)", gt=0)
     match_acc: str = knob("0.5,0.8", "accuracies at which methods are compared along their trajectories")
-    k: int = knob(8, "evaluation: samples per held-out prompt")
-    n_prompts: int = knob(24, "evaluation: held-out task prompts")
-    max_new_tokens: int = knob(32, "evaluation: response length limit")
-    eval_seed: int = knob(0, "evaluation: sampling seed")
-    max_docs: int = knob(64, "evaluation: held-out documents per pretraining skill")
     n_boot: int = knob(10000, "bootstrap resamples per interval", ge=100)
     device: str = knob("auto", "cpu, cuda, or auto (passed to the training scripts too)")
     force: bool = knob(False, "rerun stages whose checkpoint already exists")
@@ -349,6 +344,7 @@ def kl_lines(per_run):
 
 def main(argv):
     cfg, _ = parse_config(Config, argv=argv)
+    validate(cfg)  # every knob checked before minutes of training, not when its stage starts
     seeds = parse_list(cfg.seeds, "seeds")
     parse_list(cfg.match_acc, "match_acc", float, low=0)  # checked before hours of training, used in summarize
     t0 = time.time()
@@ -369,8 +365,7 @@ def main(argv):
     thesis_dir = os.path.join(cfg.out_dir, "thesis")
     cache_path = os.path.join(thesis_dir, "evals.json")
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) and not cfg.force else {}
-    eval_kw = dict(k=cfg.k, n_prompts=cfg.n_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed,
-                   max_docs=cfg.max_docs)
+    eval_kw = cfg.eval_kwargs()
     stamp = lambda p: f"{p}@{os.path.getmtime(p)}@{json.dumps(eval_kw, sort_keys=True)}"
     paths = [base] + [p for pts in runs.values() for _, p in pts]
     todo = [p for p in paths[1:] if stamp(p) not in cache]

@@ -6,10 +6,12 @@ are stood in for by fakes: their own tests run them.
 
 import math
 import os
+import re
 
 import pytest
 
 from nanopost import experiment as X
+from nanopost.common import UserError
 
 
 def fake_runs():
@@ -122,3 +124,17 @@ def test_sft_matched_interpolates_every_metric_at_the_rl_accuracy():
     assert X.matched(traj, 0.2) == pytest.approx(dict(accuracy=0.2, dloss_mean=0.05, kl_base=0.5))
     assert X.matched(traj, 0.9) is None  # never reached: no extrapolation
     assert X.value_at([(0.0, 1.0), (1.0, 3.0)], 0.25) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--advantage=ppo", "--advantage=ppo: expected one of gae, grpo, rloo"),
+    ("--group_size=1", "--group_size=1"),
+    ("--sft_iters=0", "--sft_iters=0"),  # once trained 150 steps anyway and interpolated base -> end: a wrong row
+    ("--k=0", "--k=0"),
+    ("--seeds=a", "--seeds=a: expected comma-separated integers"),
+])
+def test_bad_knob_is_one_line_before_any_stage(arg, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(X, "run_stage", lambda *a, **k: pytest.fail("a stage started before the knobs were checked"))
+    with pytest.raises(UserError, match=re.escape(message)):
+        X.main([f"--out_dir={tmp_path / 'out'}", arg])
+    assert not (tmp_path / "out").exists()

@@ -26,7 +26,8 @@ def test_verdict_sees_gold_rise_then_fall_under_a_rising_proxy():
 
 @pytest.mark.parametrize("arg, what", [("--kl_coefs=a,b", "expected comma-separated numbers"),
                                        ("--kl_coefs=-1", "every value must be >= 0"),
-                                       ("--base=nope.pt", "no such checkpoint")])
+                                       ("--base=nope.pt", "no such checkpoint"),
+                                       ("--ppo_iters=0", "--ppo_iters=0"), ("--smooth=0", "--smooth=0")])
 def test_bad_input_is_one_line(tmp_path, arg, what):
     with pytest.raises(UserError, match=what):
         main([f"--out_dir={tmp_path}", arg])

@@ -4,11 +4,13 @@ masses against the KL-regularised optimum on hand values; rft's accept step; the
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
 
 from nanopost import thesis as T
+from nanopost.common import UserError
 from nanopost.world import task_prompt
 
 
@@ -148,3 +150,11 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
     assert "--max_iters=2" in calls["rft seed=3 round 0"][1] and "--max_iters=5" in calls["rft seed=3 round 1"][1]
     assert "--batch_size=16" in calls["rft seed=3 round 1"][1]
     assert runs["rft"] == [(2, os.path.join(r0, "ckpt.pt")), (7, os.path.join(r1, "ckpt.pt"))]
+
+
+@pytest.mark.parametrize("arg", ["--group_size=1", "--rft_rounds=0", "--n_boot=10", "--k=0", "--match_acc=x"])
+def test_bad_knob_is_one_line_before_any_stage(arg, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "run_stage", lambda *a, **k: pytest.fail("a stage started before the knobs were checked"))
+    with pytest.raises(UserError, match="^" + re.escape(arg.split("=")[0])):
+        T.main([f"--out_dir={tmp_path / 'out'}", arg])
+    assert not (tmp_path / "out").exists()
