@@ -71,7 +71,14 @@ def bytes_to_unicode():
 
 
 def load_tokenizer(folder):
-    """The folder's byte-level BPE as a nanopost Tokenizer: GPT-2's ids, then the chat specials after them."""
+    """The folder's byte-level BPE as a nanopost Tokenizer with vocab.json's ids, in whatever order it numbers its
+    tokens -> (tokenizer, number of rows vocab.json's ids need).
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank; Hugging Face merges the pair listed
+    first in merges.txt. The two agree when a token's rank is the line of the merge that makes it, so the ranks
+    follow merges.txt (the 256 bytes first, in the order of their ids) and, unless they already equal vocab.json's
+    ids (OpenAI's layout), an id map turns each rank into its id. vocab.json's other entries (<|endoftext|>, a
+    <pad>, ...) are special tokens, never made from text; the chat specials it lacks get the ids after its last."""
     vocab_path, merges_path = _file(folder, "vocab.json"), _file(folder, "merges.txt")
     vocab = _read_json(vocab_path)
     try:
@@ -80,34 +87,46 @@ def load_tokenizer(folder):
                       if line and not line.startswith("#version")]
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{merges_path}: cannot read ({e})") from None
-    if not isinstance(vocab, dict) or "<|endoftext|>" not in vocab:
-        raise UserError(f"{vocab_path}: expected GPT-2's {{token: id}} map with <|endoftext|>")
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    ranks = {}
-    for token, i in vocab.items():
-        if token != "<|endoftext|>":
-            if any(c not in to_byte for c in token):
-                raise UserError(f"{vocab_path}: token {token!r} is not in GPT-2's byte-level alphabet")
-            ranks[bytes(to_byte[c] for c in token)] = i
-    # tiktoken merges the adjacent pair whose concatenation has the lowest rank, Hugging Face the pair listed first
-    # in merges.txt. With rank = id the two agree when merge n makes token 256 + n (GPT-2's layout, which
-    # tiktoken's own gpt2 loader asserts too), so that is required, and <|endoftext|> right after the merges.
-    singles = sorted(i for b, i in ranks.items() if len(b) == 1)
-    for n, (lineno, pair) in enumerate(merges):
-        if len(pair) != 2 or vocab.get(pair[0] + pair[1]) != 256 + n:
-            raise UserError(f"{merges_path}:{lineno}: merge {' '.join(pair)!r} should make token {256 + n} of "
-                            f"vocab.json (GPT-2's layout: 256 bytes, then one token per merge, in order)")
-    if singles != list(range(256)) or len(ranks) != 256 + len(merges) or vocab["<|endoftext|>"] != len(ranks):
-        raise UserError(f"{vocab_path}: expected the 256 bytes as ids 0-255, one id per merge of merges.txt, then "
-                        f"<|endoftext|> ({len(vocab)} tokens, {len(merges)} merges)")
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and i >= 0 for i in vocab.values()):
+        raise UserError(f"{vocab_path}: expected GPT-2's {{token: id}} map, ids from 0")
+    if len(set(vocab.values())) != len(vocab):
+        raise UserError(f"{vocab_path}: two tokens share an id")
+    alphabet = bytes_to_unicode()
+    if any(alphabet[b] not in vocab for b in range(256)):
+        missing = [alphabet[b] for b in range(256) if alphabet[b] not in vocab]
+        raise UserError(f"{vocab_path}: a byte-level BPE has a token for each of the 256 bytes; {len(missing)} are "
+                        f"missing ({' '.join(missing[:5])} ...)")
+    to_byte = {c: b for b, c in alphabet.items()}
+    singles = sorted(range(256), key=lambda b: vocab[alphabet[b]])
+    ranks = {bytes([b]): r for r, b in enumerate(singles)}
+    ids = [vocab[alphabet[b]] for b in singles]
+    for lineno, pair in merges:
+        token = "".join(pair)
+        if len(pair) != 2 or any(p not in vocab for p in (*pair, token)) or any(c not in to_byte for c in token):
+            raise UserError(f"{merges_path}:{lineno}: merge {' '.join(pair)!r} should join two tokens of "
+                            f"vocab.json into a third")
+        b = bytes(to_byte[c] for c in token)
+        if b not in ranks:  # a later merge making the same bytes again adds nothing tiktoken could tell apart
+            ranks[b] = len(ranks)
+            ids.append(vocab[token])
+    made = set(ids)
+    others = [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i not in made]
+    specials = TRAINED_SPECIALS + [t for t in others if t not in TRAINED_SPECIALS]
+    if any(not t or t.split() != [t] for t in specials):
+        raise UserError(f"{vocab_path}: token {next(t for t in specials if t.split() != [t])!r} is neither made by "
+                        f"merges.txt nor a special token without spaces")
+    n_rows = max(vocab.values()) + 1
+    new = iter(range(n_rows, n_rows + len(specials)))
+    ids += [vocab[t] if t in vocab else next(new) for t in specials]
     name = f"gpt2:{os.path.basename(os.path.normpath(folder))}"
-    return from_bpe_text(name, bpe_text(ranks, TRAINED_SPECIALS, pattern="gpt2"), vocab_path)
+    text = bpe_text(ranks, specials, "gpt2", None if ids == list(range(len(ids))) else ids)
+    return from_bpe_text(name, text, vocab_path), n_rows
 
 
 # -----------------------------------------------------------------------------
 # the model: config.json and the weights -> model_args and a nanopost state dict
 
-def model_args_of(c, tok, path):
+def model_args_of(c, tok, n_rows, path):
     """GPTConfig fields of a config.json's dict c; what nanopost's GPT cannot compute is refused by name."""
     if not isinstance(c, dict):
         raise UserError(f"{path}: expected a JSON object")
@@ -127,8 +146,8 @@ def model_args_of(c, tok, path):
     if unsupported:
         raise UserError(f"{path}: {', '.join(f'{k}={v!r}' for k, v in unsupported.items())} is not GPT-2's "
                         f"architecture, which nanopost's GPT computes")
-    if c["vocab_size"] < tok.eot_id + 1:
-        raise UserError(f"{path}: vocab_size={c['vocab_size']} is less than vocab.json's {tok.eot_id + 1} tokens")
+    if c["vocab_size"] < n_rows:
+        raise UserError(f"{path}: vocab_size={c['vocab_size']} is less than the {n_rows} ids vocab.json numbers")
     return dataclasses.asdict(GPTConfig(block_size=c["n_positions"], vocab_size=max(c["vocab_size"], tok.vocab_size),
                                         n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], dropout=0.0,
                                         bias=True, pos_emb="learned"))
@@ -144,7 +163,7 @@ def read_weights(path, device="cpu"):
     return read_torch_file(path, device, "weights")
 
 
-def convert(hf, model_args, tok, path):
+def convert(hf, model_args, tok, n_rows, path):
     """GPT-2's tensors under nanopost's names and layouts; the embedding grows to hold the new chat specials."""
     # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (the original gpt2 upload) "h.0..."
     hf = {k.removeprefix("transformer."): v for k, v in hf.items()
@@ -168,7 +187,7 @@ def convert(hf, model_args, tok, path):
     if wte.size(0) > V:
         raise UserError(f"{path}: wte.weight has {wte.size(0)} rows, more than config.json's vocab_size={V}")
     wte = torch.cat([wte, wte.new_zeros(V - wte.size(0), wte.size(1))])  # (V, C)
-    wte[tok.eot_id + 1:tok.vocab_size] = wte[:tok.eot_id + 1].mean(0)   # the new chat specials: the mean row
+    wte[n_rows:tok.vocab_size] = wte[:n_rows].mean(0)  # the new chat specials: the mean row
     state["transformer.wte.weight"] = state["lm_head.weight"] = wte
     for name, shape in want.items():
         if state[name].shape != shape:
@@ -179,8 +198,8 @@ def convert(hf, model_args, tok, path):
 def load_folder(folder, device="cpu"):
     """A GPT-2 folder as a checkpoint dict, laid out like the ones nanopost saves (common.load_checkpoint)."""
     config_path = _file(folder, "config.json")
-    tok = load_tokenizer(folder)
+    tok, n_rows = load_tokenizer(folder)
     weights = _file(folder, "model.safetensors", "pytorch_model.bin")
-    model_args = model_args_of(_read_json(config_path), tok, config_path)
-    model = convert(read_weights(weights, device), model_args, tok, weights)
+    model_args = model_args_of(_read_json(config_path), tok, n_rows, config_path)
+    model = convert(read_weights(weights, device), model_args, tok, n_rows, weights)
     return dict(model=model, model_args=model_args, config={}, step=0, script="gpt2", **tok.checkpoint_entries())

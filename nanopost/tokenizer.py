@@ -139,13 +139,17 @@ def training_corpus(seed=0):
     return [doc_text(d) for s in w.skills for d in w.pretrain[s]]
 
 
-def bpe_text(mergeable_ranks, specials=SPECIALS, pattern="nanopost"):
+def bpe_text(mergeable_ranks, specials=SPECIALS, pattern="nanopost", ids=None):
     """The .bpe file: tiktoken's own format (one "base64(token bytes) rank" per line, diffable and readable by
     tiktoken.load.load_tiktoken_bpe), after a "#specials" header when the specials are not the shipped three and a
-    "#pattern" header when the split pattern is not nanopost's."""
+    "#pattern" header when the split pattern is not nanopost's. `ids` (a GPT-2 folder whose vocab.json numbers its
+    tokens in another order than its merges, nanopost.gpt2) maps each rank, then each special in order, to the id
+    the model uses: a third column on every line, and "name=id" in the header."""
+    if ids is not None:
+        specials = [f"{name}={ids[len(mergeable_ranks) + i]}" for i, name in enumerate(specials)]
     header = "" if specials == SPECIALS else "#specials " + " ".join(specials) + "\n"
     header += "" if pattern == "nanopost" else f"#pattern {pattern}\n"
-    return header + "".join(f"{base64.b64encode(b).decode('ascii')} {r}\n"
+    return header + "".join(f"{base64.b64encode(b).decode('ascii')} {r}" + ("" if ids is None else f" {ids[r]}") + "\n"
                             for b, r in sorted(mergeable_ranks.items(), key=lambda kv: kv[1]))
 
 
@@ -157,11 +161,13 @@ def save_bpe(path, mergeable_ranks, specials=SPECIALS):
 
 
 def parse_bpe(text, path):
-    """-> (mergeable_ranks, specials, pattern name) of a .bpe file's text; errors name path:LINE."""
-    ranks, specials, pattern = {}, SPECIALS, "nanopost"
+    """-> (mergeable_ranks, specials, pattern name, ids) of a .bpe file's text, ids None unless the file maps ranks
+    to other ids (see bpe_text); errors name path:LINE."""
+    ranks, specials, pattern, ids, special_ids = {}, SPECIALS, "nanopost", {}, []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not ranks and line.startswith("#specials "):
-            specials = line.split()[1:]
+            specials = [name.rpartition("=")[0] or name for name in line.split()[1:]]
+            special_ids = [name.rpartition("=")[2] if "=" in name else "" for name in line.split()[1:]]
             if specials[:3] != SPECIALS:
                 raise UserError(f"{path}:{lineno}: the specials must start with {' '.join(SPECIALS)}")
             continue
@@ -171,19 +177,34 @@ def parse_bpe(text, path):
                 raise UserError(f"{path}:{lineno}: unknown pattern {pattern!r}; expected one of {', '.join(PATTERNS)}")
             continue
         parts = line.split()
-        if len(parts) != 2:
-            raise UserError(f"{path}:{lineno}: expected 'base64 rank', got {line.rstrip()!r}")
+        if len(parts) not in (2, 3) or (ranks and len(parts) != (3 if ids else 2)):
+            raise UserError(f"{path}:{lineno}: expected 'base64 rank' or, on every line, 'base64 rank id'; got "
+                            f"{line.rstrip()!r}")
         try:
-            ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+            rank = ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+            if len(parts) == 3:
+                ids[rank] = int(parts[2])
         except ValueError as e:
             raise UserError(f"{path}:{lineno}: {e}") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise UserError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps or repeats")
-    return ranks, specials, pattern
+    if not ids:
+        if any(special_ids):
+            raise UserError(f"{path}: specials carry ids but the ranks do not")
+        return ranks, specials, pattern, None
+    if not all(special_ids):
+        raise UserError(f"{path}: the ranks carry ids, so every special needs one (name=id)")
+    try:
+        ids = [ids[r] for r in range(len(ranks))] + [int(i) for i in special_ids]
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise UserError(f"{path}: the ids repeat or are negative")
+    return ranks, specials, pattern, ids
 
 
 def load_bpe(path):
-    """-> (mergeable_ranks, specials, pattern name) of a .bpe file."""
+    """-> (mergeable_ranks, specials, pattern name, ids) of a .bpe file."""
     try:
         with open(path, encoding="ascii") as f:
             return parse_bpe(f.read(), path)
@@ -196,18 +217,28 @@ def load_bpe(path):
 
 class Tokenizer:
     """A tiktoken Encoding plus the chat conventions of nanopost (see the module docstring).
-    `bpe` is the .bpe file's text for a trained tokenizer (what a checkpoint stores), None for a built-in one."""
+    `bpe` is the .bpe file's text for a trained tokenizer (what a checkpoint stores), None for a built-in one.
+    `ids` maps tiktoken's ids (the ranks, then the specials) to the model's when they differ (nanopost.gpt2)."""
 
-    def __init__(self, name, enc, bpe=None):
+    def __init__(self, name, enc, bpe=None, ids=None):
         self.name = name
         self.enc = enc
         self.bpe = bpe
-        self.eot_id = enc.encode_single_token("<|endoftext|>")
-        self.user_id = enc.encode_single_token("<|user|>")
-        self.assistant_id = enc.encode_single_token("<|assistant|>")
-        self.system_id = enc._special_tokens.get("<|system|>")  # None: this tokenizer has no system turn
-        self.vocab_size = enc.n_vocab
-        self.special_ids = set(enc._special_tokens.values())
+        self.ids = ids
+        self._from_model = None if ids is None else {i: r for r, i in enumerate(ids)}
+        self.eot_id = self._model_id(enc.encode_single_token("<|endoftext|>"))
+        self.user_id = self._model_id(enc.encode_single_token("<|user|>"))
+        self.assistant_id = self._model_id(enc.encode_single_token("<|assistant|>"))
+        system = enc._special_tokens.get("<|system|>")
+        self.system_id = None if system is None else self._model_id(system)  # None: no system turn
+        self.vocab_size = enc.n_vocab if ids is None else max(ids) + 1
+
+    def _model_id(self, rank):
+        return rank if self.ids is None else self.ids[rank]
+
+    def _ranks(self, ids):
+        """Model ids -> tiktoken's; an id no token has is a KeyError."""
+        return list(ids) if self._from_model is None else [self._from_model[i] for i in ids]
 
     @functools.cached_property
     def fingerprint(self):
@@ -218,6 +249,8 @@ class Tokenizer:
         h.update(repr(sorted(self.enc._special_tokens.items())).encode())
         if self.enc._pat_str != PAT_STR:  # the same ranks split another way mean other ids for the same text
             h.update(self.enc._pat_str.encode())
+        if self.ids is not None:
+            h.update(repr(self.ids).encode())
         return h.hexdigest()[:16]
 
     def checkpoint_entries(self):
@@ -226,21 +259,22 @@ class Tokenizer:
 
     def encode(self, text):
         # encode_ordinary: special-token strings in text are plain text, never specials (see module docstring)
-        return self.enc.encode_ordinary(text)
+        ranks = self.enc.encode_ordinary(text)
+        return ranks if self.ids is None else [self.ids[r] for r in ranks]
 
     def decode(self, ids):
-        return self.enc.decode(list(ids))
+        return self.enc.decode(self._ranks(ids))
 
     def decode_text(self, ids):
         """Text of ids that may end inside a multi-byte character (a length limit cut it): the incomplete tail is
         left out, never shown as U+FFFD."""
-        return codecs.getincrementaldecoder("utf-8")("replace").decode(self.enc.decode_bytes(list(ids)))
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(self.enc.decode_bytes(self._ranks(ids)))
 
     def text_stream(self):
         """A function id -> the text that id completes, for printing tokens as they are sampled: the bytes of a
         character split across tokens are held back until the token that completes it, never shown as U+FFFD."""
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        return lambda i: decoder.decode(self.enc.decode_single_token_bytes(i))
+        return lambda i: decoder.decode(self.enc.decode_single_token_bytes(self._ranks([i])[0]))
 
     def encode_prompt(self, prompt):
         """A prompt to answer: a string (one user turn) or a conversation ending with a user turn."""
@@ -329,7 +363,8 @@ def get_tokenizer(name="nanopost"):
     """"nanopost": the shipped offline BPE (1024 tokens). "gpt2": GPT-2's BPE + our two chat specials (50259).
     A path to a .bpe file: a tokenizer trained with `python -m nanopost.tokenizer --data=...`."""
     if name == "nanopost":
-        return Tokenizer("nanopost", _bpe_encoding("nanopost", *load_bpe(BPE_PATH)))
+        ranks, specials, pattern, _ = load_bpe(BPE_PATH)
+        return Tokenizer("nanopost", _bpe_encoding("nanopost", ranks, specials, pattern))
     if name == "gpt2":
         return Tokenizer("gpt2", _gpt2_encoding())
     if name.endswith(".bpe"):
@@ -341,7 +376,8 @@ def get_tokenizer(name="nanopost"):
 
 
 def from_bpe_text(name, text, path):
-    return Tokenizer(name, _bpe_encoding(name, *parse_bpe(text, path)), bpe=text)
+    ranks, specials, pattern, ids = parse_bpe(text, path)
+    return Tokenizer(name, _bpe_encoding(name, ranks, specials, pattern), bpe=text, ids=ids)
 
 
 def from_checkpoint(ckpt, path="checkpoint"):

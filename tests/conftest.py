@@ -12,6 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import dataclasses
 import importlib
+import importlib.abc
 import json
 import shutil
 import subprocess
@@ -28,6 +29,22 @@ from nanopost.tokenizer import get_tokenizer
 from nanopost.world import load_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _RefuseHuggingFace(importlib.abc.MetaPathFinder):
+    """transformers imports Hugging Face's PyPI package `kernels`; with the repo root on sys.path (as here) that name
+    finds nanopost's kernels/ folder, and the import fails far from its cause. Tests that need transformers run it in
+    a subprocess started outside the repo (tests/hf_reference.py); importing it here fails at once, by name."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("transformers", "trl"):
+            raise ImportError(f"{name} must not be imported in the test process: run it as tests/hf_reference.py "
+                              f"does, in a subprocess started outside the repo")
+        return None
+
+
+assert "transformers" not in sys.modules, "a plugin imported transformers before conftest.py could refuse it"
+sys.meta_path.insert(0, _RefuseHuggingFace())
 
 # the cheapest configs that still run every part of a loop: a ~50k-parameter model, a few sequences, a few
 # prompts, the shortest evaluation. Later --key=value arguments override these (parse_config keeps the last)

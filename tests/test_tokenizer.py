@@ -186,8 +186,8 @@ def test_trainer_deterministic_and_valid():
 
 def test_shipped_file_matches_retraining():
     # the shipped ranks must be exactly what `python -m nanopost.tokenizer` produces (~2 s)
-    shipped, specials, pattern = load_bpe(tk.BPE_PATH)
-    assert specials == SPECIALS and pattern == "nanopost"
+    shipped, specials, pattern, ids = load_bpe(tk.BPE_PATH)
+    assert specials == SPECIALS and pattern == "nanopost" and ids is None
     assert shipped == train_bpe(tk.training_corpus(seed=0))
 
 
@@ -216,7 +216,7 @@ def test_trained_tokenizer_round_trips_through_file_and_checkpoint(tmp_path, cap
     assert "wrote" in capsys.readouterr().out
     text = out.read_text()
     assert text.splitlines()[0] == "#specials <|endoftext|> <|user|> <|assistant|> <|system|>"
-    ranks, specials, _ = load_bpe(str(out))
+    ranks, specials, _, _ = load_bpe(str(out))
     assert specials == tk.TRAINED_SPECIALS and len(ranks) == 330 - 4
     mine = get_tokenizer(str(out))
     assert mine.vocab_size == 330 and mine.bpe == text
