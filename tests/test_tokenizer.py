@@ -199,6 +199,30 @@ def test_load_bpe_errors(tmp_path):
     p.write_text("AA== 0\nAQ== 2\n")
     with pytest.raises(ValueError, match="gaps"):
         load_bpe(str(p))
+    p.write_text("AA== 0 5\nAQ== 1\n")  # ids on some lines only
+    with pytest.raises(ValueError, match=r"bad.bpe:2: expected 'base64 rank' or, on every line, 'base64 rank id'"):
+        load_bpe(str(p))
+    p.write_text("#specials <|endoftext|>=0 <|user|> <|assistant|>=3\nAA== 0 1\nAQ== 1 2\n")
+    with pytest.raises(ValueError, match=r"every special needs one \(name=id\)"):
+        load_bpe(str(p))
+    p.write_text("#specials <|endoftext|>=0 <|user|>=1 <|assistant|>=3\nAA== 0 1\nAQ== 1 2\n")
+    with pytest.raises(ValueError, match="the ids repeat"):
+        load_bpe(str(p))
+
+
+def test_an_id_map_gives_the_models_ids_and_survives_a_checkpoint():
+    # the ranks say which merge comes first; the ids are what the model's rows are numbered by (nanopost.gpt2)
+    ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256, b"abc": 257}
+    ids = [(r * 7 + 3) % 258 + 1 for r in range(258)] + [0, 300, 301]  # a permutation of 1..258, then the specials
+    tok = tk.from_bpe_text("mapped", tk.bpe_text(ranks, SPECIALS, ids=ids), "mapped.bpe")
+    assert tok.bpe.splitlines()[0] == "#specials <|endoftext|>=0 <|user|>=300 <|assistant|>=301"
+    assert (tok.eot_id, tok.user_id, tok.assistant_id, tok.vocab_size) == (0, 300, 301, 302)
+    assert tok.encode("abcab") == [ids[257], ids[256]] and tok.decode([ids[257], ids[256]]) == "abcab"
+    assert tok.encode_prompt("x") == [300, ids[ord("x")], 301]
+    again = tk.from_checkpoint(tok.checkpoint_entries())
+    assert again.fingerprint == tok.fingerprint and again.encode("abcab") == tok.encode("abcab")
+    plain = tk.from_bpe_text("plain", tk.bpe_text(ranks, SPECIALS), "plain.bpe")  # the same ranks, ids = ranks
+    assert plain.encode("abcab") == [257, 256] and plain.fingerprint != tok.fingerprint
 
 
 # -----------------------------------------------------------------------------
