@@ -63,7 +63,7 @@ from nanopost.common import (RunLog, UserError, all_gather, all_reduce_max, all_
                              build_model, check_finite, check_model_finite, entry, get_rng_state, knob, load_checkpoint,
                              load_weights, lock_out_dir, masked_mean, masked_whiten, parse_config, parse_steps, print0,
                              refuse_reward_model, resume_config, save_checkpoint, save_snapshot, set_rng_state,
-                             setup_runtime, sync_grads, teardown, validate)
+                             setup_runtime, sync_grads, teardown, validate, weight_limits)
 from nanopost.data import load_prompts
 from nanopost.evaluate import reward_eval, spread, task_eval
 from nanopost.model import ValueModel
@@ -277,6 +277,7 @@ def main(argv):
         value_args = dict((vckpt or ckpt)["model_args"], dropout=0.0)
         value_model = ValueModel(load_weights(build_model(value_args), (vckpt or ckpt)["model"])).to(rt.device)
     models = dict(policy=policy) | (dict(value_model=value_model) if critic else {})  # what is trained
+    limits = weight_limits(models)  # how large a weight may grow before a save refuses it
     # dropout is 0, so eval() changes nothing numerically; it is set once and never switched back
     for m in (ref_policy, *models.values()):
         m.eval()
@@ -341,7 +342,7 @@ def main(argv):
 
     def save(step):
         """Everything needed to continue bit-exactly; collective (every rank contributes its RNG state)."""
-        check_model_finite(step, ckpt_path, **models)  # identical on every rank
+        check_model_finite(step, ckpt_path, models, limits)  # identical on every rank
         gathered = all_gather(dict(shuffle=shuffle_gen.get_state(), sample=sample_gen.get_state()))
         value = dict(value_model=value_model.state_dict(), value_model_args=value_args,
                      value_optimizer=value_optimizer.state_dict()) if critic else {}

@@ -72,7 +72,7 @@ from nanopost.common import (RunLog, UserError, all_reduce_sum, assert_in_sync, 
                              check_model_finite, entry, format_eta, get_rng_state, knob, load_checkpoint, load_model,
                              load_weights, lock_out_dir, parse_config, parse_steps, print0, resume_config,
                              save_checkpoint, save_snapshot, set_rng_state, setup_runtime, sync_grads, teardown,
-                             validate)
+                             validate, weight_limits)
 from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_prompts, pack,
                            sft_example, spread_windows, windows)
 from nanopost.evaluate import heldout_losses, mean_loss, spread, task_eval
@@ -369,6 +369,7 @@ def main(argv):
     ckpt = None  # free the loaded tensors
 
     raw_model = model  # eval, sampling and checkpoints use the uncompiled module
+    limits = weight_limits(dict(model=raw_model))  # how large a weight may grow before a save refuses it
     if cfg.compile and rt.device_type == "cuda":
         model = torch.compile(model)
 
@@ -425,7 +426,7 @@ def main(argv):
         return record
 
     def save(step):
-        check_model_finite(step, ckpt_path, model=raw_model)
+        check_model_finite(step, ckpt_path, dict(model=raw_model), limits)
         obj = dict(model=raw_model.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(),
                    config=asdict(cfg), step=step, rng=get_rng_state(), stage=stage, script="train_sft.py",
                    data_hash=data_hash, **tok.checkpoint_entries())

@@ -420,10 +420,25 @@ def check_finite(step, ckpt_path, **values):
                        f"{_kept(ckpt_path)}. Try a lower learning_rate.")
 
 
+# A weight 100x beyond the largest the run started with (and at least 1e4) is a blown-up step, not learning: Adam
+# moves a weight by about the learning rate per step (its update m/sqrt(v) is of order 1), so a healthy run at
+# lr 1e-3 needs some 10 million steps to take a weight from below 10 to 1e4. Such weights can still compute finite
+# outputs (LayerNorm hides their scale), so only this bound catches them before they are saved.
+WEIGHT_GROWTH, WEIGHT_FLOOR = 100, 1e4
+
+
 @torch.no_grad()
-def check_model_finite(step, ckpt_path, **models):
-    """Before a save: finite weights, and finite outputs on a fixed batch (weights of ~1e30 are finite, yet
-    every forward pass gives inf or NaN, and a checkpoint holding them is useless)."""
+def weight_limits(models):
+    """{name: the largest |weight| check_model_finite accepts}, from the models as the run starts (or resumes)."""
+    return {name: max(WEIGHT_FLOOR, WEIGHT_GROWTH * max(p.abs().max().item() for p in model.parameters()))
+            for name, model in models.items()}
+
+
+@torch.no_grad()
+def check_model_finite(step, ckpt_path, models, limits):
+    """Before a save: finite weights no larger than `limits` (weight_limits), and finite outputs on a fixed batch
+    (weights of ~1e30 are finite, yet every forward pass gives inf or NaN, and a checkpoint holding them is
+    useless)."""
     for name, model in models.items():
         params = list(model.parameters())
         cfg = getattr(model, "config", None) or model.trunk.config
@@ -432,9 +447,15 @@ def check_model_finite(step, ckpt_path, **models):
         model.eval()  # no dropout: the probe must not draw from the RNG a resumed run replays
         finite = all(bool(torch.isfinite(p).all()) for p in params) and bool(torch.isfinite(model(probe)).all())
         model.train(was_training)
+        lr = "value_lr" if name == "value_model" else "learning_rate"
         if not finite:
             raise Diverged(f"the {name} is non-finite after step {step} (weights or outputs); not saving, "
-                           f"{_kept(ckpt_path)}. Try a lower learning_rate.")
+                           f"{_kept(ckpt_path)}. Try a lower {lr}.")
+        largest = max(p.abs().max().item() for p in params)
+        if largest > limits[name]:
+            raise Diverged(f"the {name} blew up after step {step}: a weight of {largest:.3g}, over the limit "
+                           f"{limits[name]:.3g} ({WEIGHT_GROWTH}x its largest at the start, at least "
+                           f"{WEIGHT_FLOOR:g}); not saving, {_kept(ckpt_path)}. Try a lower {lr}.")
 
 
 # -----------------------------------------------------------------------------

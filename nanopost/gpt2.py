@@ -17,10 +17,10 @@ and the tokenizer, and need the folder no more. What the mapping does:
   Hugging Face's (tests/test_gpt2.py checks it against transformers).
 - tokenizer: vocab.json and merges.txt become a tiktoken Encoding with GPT-2's split pattern and vocab.json's ids,
   numbered in any order (load_tokenizer). The chat specials <|user|>, <|assistant|> and <|system|> get new ids after
-  vocab.json's last (50256 in GPT-2), and their embedding rows start at the mean of the trained rows. The head is tied, so a new token's logit is then the mean of all
-  logits (h . mean(w) = mean(h . w)), never above the likely tokens, and the pretrained model's next-token
-  distribution barely moves; a random row may outscore them (Hewitt 2021, "Initializing New Word Embeddings for
-  Pretrained Language Models").
+  vocab.json's last (50256 in GPT-2), and their embedding rows start at the mean of the trained rows. The head is
+  tied, so a new token's logit is then the mean of all logits (h . mean(w) = mean(h . w)), never above the likely
+  tokens, and the pretrained model's next-token distribution barely moves; a random row may outscore them (Hewitt
+  2021, "Initializing New Word Embeddings for Pretrained Language Models").
 """
 
 import dataclasses

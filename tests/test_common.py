@@ -18,7 +18,8 @@ import torch
 from nanopost import common
 from nanopost.common import (Diverged, RunLog, UserError, append_jsonl, check_finite, check_model_finite, entry,
                              get_rng_state, knob, load_checkpoint, load_model, lock_out_dir, masked_mean,
-                             masked_whiten, parse_config, resume_config, save_checkpoint, set_rng_state, validate)
+                             masked_whiten, parse_config, resume_config, save_checkpoint, set_rng_state, validate,
+                             weight_limits)
 
 
 @dataclass
@@ -256,20 +257,29 @@ def test_check_model_finite_refuses_huge_or_nan_weights(tiny_gpt):
     model = tiny_gpt(dropout=0.5)
     model.train()
     rng = torch.get_rng_state()
-    check_model_finite(4, "out/ckpt.pt", policy=model)
+    limits = weight_limits(dict(policy=model, value_model=model))
+    assert limits == dict(policy=1e4, value_model=1e4)  # a fresh model's weights are below 100: the floor
+    check_model_finite(4, "out/ckpt.pt", dict(policy=model), limits)
     assert model.training, "the check gives the model back in the mode it found it"
     assert torch.equal(torch.get_rng_state(), rng), "the probe drew from the RNG a resumed run replays"
     with torch.no_grad():
-        huge = tiny_gpt()
+        huge, big, nan = tiny_gpt(), tiny_gpt(), tiny_gpt()
         for p in huge.parameters():
             p.mul_(1e30)  # every weight finite, every forward pass inf or NaN: what lr=1e30 leaves behind
         assert all(torch.isfinite(p).all() for p in huge.parameters())
-        nan = tiny_gpt()
+        big.transformer.h[0].mlp.c_fc.weight[0, 0] = 2e4  # finite outputs, one weight past the limit
+        assert torch.isfinite(big(torch.arange(8)[None])).all()
         nan.lm_head.weight[0, 0] = float("nan")
     for bad in (huge, nan):
         with pytest.raises(Diverged, match=r"^the value_model is non-finite after step 4 \(weights or outputs\); "
-                                           r"not saving, no checkpoint was written"):
-            check_model_finite(4, "out/ckpt.pt", policy=model, value_model=bad)
+                                           r"not saving, no checkpoint was written\. Try a lower value_lr\.$"):
+            check_model_finite(4, "out/ckpt.pt", dict(policy=model, value_model=bad), limits)
+    with pytest.raises(Diverged, match=r"^the policy blew up after step 4: a weight of 2e\+04, over the limit 1e\+04 "
+                                       r"\(100x its largest at the start, at least 10000\); not saving, no checkpoint "
+                                       r"was written\. Try a lower learning_rate\.$"):
+        check_model_finite(4, "out/ckpt.pt", dict(policy=big), limits)
+    # the limit follows the start: a model that starts with a weight of 2e4 may grow to 2e6
+    check_model_finite(4, "out/ckpt.pt", dict(policy=big), weight_limits(dict(policy=big)))
 
 
 # -----------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_folder_errors_are_one_line(hf, tmp_path, monkeypatch, capsys):
     (path / "config.json").write_text(json.dumps(config))
     merges = (path / "merges.txt").read_text().splitlines()
     (path / "merges.txt").write_text("\n".join([merges[0], "Ā ā"] + merges[2:]))  # bytes 0 and 1: no such token
-    with pytest.raises(UserError, match=r"merges.txt:2: merge 'Ā ā' should join two tokens of vocab.json into a third"):
+    with pytest.raises(UserError, match=r"merges.txt:2: merge 'Ā ā' should join two tokens of vocab.json into a "):
         load_checkpoint(str(path))
     (path / "merges.txt").write_text("\n".join(merges))
     vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))

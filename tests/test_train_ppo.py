@@ -263,6 +263,19 @@ def test_update_to_1e30_is_not_saved(tiny_ckpt, run_ppo, tmp_path):
     assert not (out / "ckpt.pt").exists()
 
 
+def test_value_update_that_blows_up_is_not_saved(tiny_ckpt, run_ppo, tmp_path):
+    # --value_lr=1e30 leaves the value model's weights finite (~1e30) and its outputs finite too (LayerNorm), so
+    # only the weight limit catches it: exit 1 before any save. One update only (a second would meet an inf loss);
+    # the eos penalty gives the value loss a target (the random model scores 0, starts at KL 0, its value head at 0)
+    out = tmp_path / "huge_value"
+    proc = run_ppo([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=1", "--value_lr=1e30",
+                    "--missing_eos_penalty=1", "--ppo_epochs=1", "--num_minibatches=1"], check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: the value_model blew up after step 1: a weight of "), proc.stderr
+    assert proc.stderr.endswith("not saving, no checkpoint was written. Try a lower value_lr.\n")
+    assert not (out / "ckpt.pt").exists()
+
+
 def test_resume_with_new_learning_rate_and_kl_coef_uses_them(ppo_run, ppo_main, copy_run, read_log, tmp_path,
                                                             capsys):
     out = copy_run(ppo_run[0], tmp_path / "resumed")

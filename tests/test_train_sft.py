@@ -223,6 +223,16 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(base, half, sft_main, copy_ru
     assert snapshot(out)["ckpt.pt"] == ckpt
 
 
+def test_update_that_blows_up_is_not_saved(sft_main, tmp_path):
+    # one Adam step at lr 1e6 moves every weight by about 1e6: finite weights and finite outputs (LayerNorm), which
+    # only the weight limit refuses, before the first save
+    out = tmp_path / "huge"
+    with pytest.raises(Diverged, match=r"^the model blew up after step 1: a weight of .*; not saving, no checkpoint "
+                                       r"was written\. Try a lower learning_rate\.$"):
+        sft_main(["--data=pretrain", f"--out_dir={out}", "--max_iters=1", "--learning_rate=1e6", "--warmup_iters=0"])
+    assert not (out / "ckpt.pt").exists()
+
+
 # -----------------------------------------------------------------------------
 # your corpus, your tokenizer
 
