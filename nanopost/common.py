@@ -278,9 +278,12 @@ def lock_out_dir(out_dir):
     f.write(str(os.getpid()))
     f.flush()
     _locks.append(f)
-    for name in os.listdir(out_dir):  # temp files of a writer killed mid-save: nobody else writes here now
-        if name.startswith("ckpt.pt.") and name.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, name))
+    # temp files of a writer killed mid-save (save_checkpoint's NAME.pt.XXXXXXXX.tmp, in out_dir and its snapshots):
+    # nobody else writes here now, and each is as large as a checkpoint
+    for folder in (out_dir, os.path.join(out_dir, "snap")):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if re.fullmatch(r".+\.pt\.\w{8}\.tmp", name):
+                os.remove(os.path.join(folder, name))
 
 
 # -----------------------------------------------------------------------------

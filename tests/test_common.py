@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 import pytest
 import torch
 
+from conftest import ROOT
 from nanopost import common
 from nanopost.common import (Diverged, RunLog, UserError, append_jsonl, check_finite, check_model_finite, entry,
                              get_rng_state, knob, load_checkpoint, load_model, lock_out_dir, masked_mean,
@@ -116,14 +118,32 @@ def test_lock_out_dir_admits_one_holder(tmp_path):
     lock_out_dir(out)  # the directory is free again
 
 
-def test_lock_removes_the_temp_files_of_a_writer_killed_mid_save(tmp_path):
+@pytest.mark.parametrize("writer", ["save_checkpoint(ckpt, dict(step=2))", "save_snapshot(out, 2)"])
+def test_a_save_killed_midway_leaves_nothing_once_the_next_run_locks(tmp_path, writer):
+    # a real kill -9 in the middle of torch.save, for a checkpoint and for a snapshot: the half-written temp file
+    # stays behind (nothing runs after SIGKILL), and the next run into that out_dir removes it at its lock
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "ckpt.pt.k3j2.tmp").write_bytes(b"half a checkpoint")
-    (out / "ckpt.pt").write_bytes(b"the last good one")
-    (out / "notes.tmp").write_text("the user's")
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from nanopost.common import save_checkpoint, save_snapshot
+        out = {str(out)!r}
+        ckpt = os.path.join(out, "ckpt.pt")
+        save_checkpoint(ckpt, dict(step=1))  # the last good one
+        def dies_midway(obj, f):
+            f.write(b"half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = dies_midway
+        {writer}
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    left = list(out.rglob("*.tmp"))
+    assert len(left) == 1 and left[0].read_bytes() == b"half a checkpoint"
+    (out / "notes.tmp").write_text("the user's")  # not a checkpoint's temp file: kept
     lock_out_dir(str(out))
-    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "notes.tmp"]
+    assert sorted(p.name for p in out.rglob("*.tmp")) == ["notes.tmp"]
+    assert torch.load(out / "ckpt.pt")["step"] == 1
 
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
