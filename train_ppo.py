@@ -64,7 +64,7 @@ from nanopost.common import (RunLog, UserError, all_gather, all_reduce_max, all_
                              load_weights, lock_out_dir, masked_mean, masked_whiten, parse_config, parse_steps, print0,
                              refuse_reward_model, resume_config, save_checkpoint, save_snapshot, set_rng_state,
                              setup_runtime, sync_grads, teardown, validate, weight_limits)
-from nanopost.data import load_prompts
+from nanopost.data import TOO_LONG, load_prompts
 from nanopost.evaluate import reward_eval, spread, task_eval
 from nanopost.model import ValueModel
 from nanopost.reward import load_reward_fn, load_reward_model, score_responses
@@ -86,6 +86,9 @@ class Config:
     reward_model: str = knob("", "reward model ckpt.pt (train_sft.py on preference pairs), normalised to mean 0, "
                                  "std 1 on its initial model; the built-in verifier is then logged as gold")
     prompts: str = knob("", "JSONL file of training prompts; '' = world.ppo_prompts")
+    too_long: str = knob("error", "prompts with no room for max_new_tokens: error (name them) | drop (counted) | "
+                                  "truncate (keep the end: oldest turns, then the start of the last, go first)",
+                         choices=TOO_LONG)
     world_seed: int = knob(0, "seed of the built-in world (prompts, verifier, eval prompts)")
     seed: int = knob(1337, "seed for sampling, prompt order and minibatch shuffles")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
@@ -135,7 +138,7 @@ class Config:
 
 # a resume may change any other knob (max_iters, learning rates, intervals, coefficients); these define the run
 RUN_DEFINING = ("value_init", "reward_fn", "reward_model", "prompts", "world_seed", "seed", "batch_size",
-                "max_new_tokens", "temperature", "advantage", "group_size")
+                "max_new_tokens", "temperature", "advantage", "group_size", "too_long")
 SHOWN = ("score", "gold", "kl", "kl_full", "kl_coef", "entropy", "approx_kl", "clipfrac", "pg_loss",  # printed
          "v_loss", "explained_var", "resp_len", "ended", "logprob_diff", "tok_per_s")  # every iteration (if logged)
 
@@ -296,7 +299,7 @@ def main(argv):
     # data: prompts checked against the context now, not when a batch happens to draw one
     world = load_world(seed=cfg.world_seed)
     block_size = model_args["block_size"]
-    train_prompts = load_prompts(cfg.prompts, world.ppo_prompts, tok, block_size, cfg.max_new_tokens)
+    train_prompts = load_prompts(cfg.prompts, world.ppo_prompts, tok, block_size, cfg.max_new_tokens, cfg.too_long)
     if cfg.prompts:  # your prompts: a held-out tail of them (up to a tenth) is what the evaluation scores
         n_train = len(train_prompts) - min(cfg.eval_prompts, len(train_prompts) // 10)
         train_prompts, eval_prompts = train_prompts[:n_train], train_prompts[n_train:]

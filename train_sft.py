@@ -73,8 +73,8 @@ from nanopost.common import (RunLog, UserError, all_reduce_sum, assert_in_sync, 
                              load_weights, lock_out_dir, parse_config, parse_steps, print0, resume_config,
                              save_checkpoint, save_snapshot, set_rng_state, setup_runtime, sync_grads, teardown,
                              validate, weight_limits)
-from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_prompts, pack,
-                           sft_example, spread_windows, windows)
+from nanopost.data import (IGNORE, TOO_LONG, collate, is_corpus, load_corpus, load_prompts, numbered_conversations,
+                           pack, sft_examples, spread_windows, windows)
 from nanopost.evaluate import heldout_losses, mean_loss, spread, task_eval
 from nanopost.model import GPTConfig, RewardModel
 from nanopost.prefs import (bradley_terry_loss, collate_pairs, encode_pair, is_preferences, load_preferences,
@@ -116,6 +116,8 @@ class Config:
     beta1: float = knob(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = knob(0.95, "AdamW beta2 (0.95: steadier than 0.999 at small batch, as in GPT-3)", ge=0, lt=1)
     grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 = off", ge=0)
+    too_long: str = knob("drop", "conversations whose last exchange alone exceeds block_size: error (name them) | "
+                                 "drop (counted) | truncate (keep their last block_size tokens)", choices=TOO_LONG)
     packing: bool = knob(False, "conversations: pack each micro-batch's examples into as few block_size rows as "
                                 "fit (block-diagonal attention; the same loss, less padding)")
     sft_kl_coef: float = knob(0.0, "weight of KL(model || initial model) per loss token; 0 = off", ge=0)
@@ -141,7 +143,7 @@ class Config:
 
 # a resume may change any other knob (max_iters, learning rates, intervals, coefficients); these define the run
 RUN_DEFINING = ("data", "seed", "world_seed", "tokenizer", "batch_size", "grad_accum", "n_layer", "n_head", "n_embd",
-                "block_size", "dropout", "lr_decay_iters")
+                "block_size", "dropout", "lr_decay_iters", "too_long")
 
 # knobs left at -1 (or "") take these. pretrain: 2400 small steps rather than 600 of 32 sequences (the same 2.5M
 # tokens): with batch 16 x 1200 the base copied the target into "a-b=N" 86% of the time (teacher-forced), with
@@ -302,27 +304,21 @@ def main(argv):
                    f"block_size={block_size} tokens")
     else:
         if cfg.data == "sft":
-            train_raw, val_raw = ([[("user", ex["prompt"]), ("assistant", ex["completion"])] for ex in split]
-                                  for split in (world.sft_train, world.sft_val))
+            train_raw, val_raw = ([(f"--data=sft example {i}", [("user", ex["prompt"]),
+                                                                ("assistant", ex["completion"])])
+                                   for i, ex in enumerate(split)] for split in (world.sft_train, world.sft_val))
         else:
-            raw = load_conversations(cfg.data)  # UserError("path:LINE: ...") on a bad record
+            raw = [(f"{cfg.data}:{lineno}", turns) for lineno, turns in numbered_conversations(cfg.data, "assistant")]
             with open(cfg.data, "rb") as f:
                 data_hash = hashlib.sha256(f.read()).hexdigest()
             # hold out the last 10% as validation; a tiny file validates on its training examples
             n_val = len(raw) // 10
             train_raw, val_raw = (raw[:-n_val], raw[-n_val:]) if n_val > 0 else (raw, raw)
-        for split, raw in (("train", train_raw), ("val", val_raw)):
-            made = [sft_example(tok, turns, block_size) for turns in raw]
-            kept = [(x, y) for x, y, _ in (m for m in made if m is not None)]
-            n_short = sum(1 for m in made if m is not None and m[2])
-            print0(f"data: sft {split} {len(kept)} conversations | {n_short} lost their oldest turns to fit "
-                   f"block_size={block_size} | {len(made) - len(kept)} dropped (the last exchange alone does not fit)")
-            if not kept:
+        train_examples, val_examples = (sft_examples(raw, tok, block_size, cfg.too_long, f"sft {split}")
+                                        for split, raw in (("train", train_raw), ("val", val_raw)))
+        for split, examples in (("train", train_examples), ("val", val_examples)):
+            if not examples:
                 raise UserError(f"{cfg.data}: no {split} example fits in block_size={block_size}")
-            if split == "train":
-                train_examples = kept
-            else:
-                val_examples = kept
     if resume and saved_data_hash != data_hash:
         raise UserError(f"cannot resume {ckpt_path}: {cfg.data} is not the data it started with (its contents "
                         f"changed); train on it in a new out_dir")

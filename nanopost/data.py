@@ -193,10 +193,11 @@ def load_conversations(path, last="assistant"):
     ShareGPT's {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}. For SFT the last turn is the
     assistant's; PPO prompts (last="user") end with the user's. Keys nanopost does not use (id, source, ...) are
     ignored with one warning for the whole file."""
-    return [turns for _, turns in _numbered_conversations(path, last)]
+    return [turns for _, turns in numbered_conversations(path, last)]
 
 
-def _numbered_conversations(path, last):
+def numbered_conversations(path, last):
+    """load_conversations with the line each conversation starts on: [(LINE, turns)]."""
     records = _array_records(path) if is_json_array(path) else _records(path)
     ignored = collections.Counter()
     conversations = [(lineno, _conversation(path, lineno, obj, ignored, last)) for lineno, obj in records]
@@ -206,28 +207,74 @@ def _numbered_conversations(path, last):
     return conversations
 
 
-def load_ppo_prompts(path, tok, max_prompt_tokens):
+# what to do with a prompt or conversation longer than the context (--too_long in both training scripts)
+TOO_LONG = ("error", "drop", "truncate")
+
+
+def check_too_long(over, n, what, limit, too_long):
+    """One error line naming how many of n records do not fit in `limit` and the first few (their path:LINE), or,
+    when they are dropped or truncated, one printed line counting them."""
+    if not over:
+        return
+    listed = ", ".join(over[:3]) + (f" and {len(over) - 3} more" if len(over) > 3 else "")
+    if too_long == "error":
+        raise UserError(f"{len(over)} of {n} {what} do not fit in {limit}: {listed}. --too_long=drop leaves them "
+                        f"out, --too_long=truncate keeps the end of each")
+    print0(f"data: {len(over)} of {n} {what} do not fit in {limit} ({listed}): "
+           f"{'left out' if too_long == 'drop' else 'their last tokens kept'} (--too_long={too_long})")
+
+
+def truncate_prompt(tok, prompt, max_tokens):
+    """The end of a prompt that fits in max_tokens in the chat format: its oldest exchanges go first (a system turn
+    stays), then the start of its last user turn. None when not even the last character of that turn fits."""
+    turns = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
+    system, body = (turns[:1], turns[1:]) if turns[0][0] == "system" else ([], turns)
+
+    def fits(text):
+        rest = system + body[:-1] + [("user", text)]
+        return len(tok.encode_prompt(rest[0][1] if len(rest) == 1 else rest)) <= max_tokens
+    while len(body) > 1 and not fits(body[-1][1]):
+        body = body[2:]  # the oldest user/assistant exchange
+    text = body[-1][1]
+    if not fits(text[-1:]):
+        return None
+    lo, hi = 0, len(text)  # the fewest characters cut from the front of the last turn that make it fit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(text[mid:]) else (mid + 1, hi)
+    rest = system + body[:-1] + [("user", text[lo:])]
+    return rest[0][1] if len(rest) == 1 else rest
+
+
+def load_ppo_prompts(path, tok, max_prompt_tokens, too_long="error"):
     """PPO prompts from a .jsonl or .json file: {"prompt": str}, {"prompt": [messages]} or {"messages": [...]}
     ending with a user turn. -> a list of prompts, each a string (one user turn) or a conversation
-    [(role, content), ...]; that is what a reward function receives. A prompt that leaves no room for the response
-    in the context is an error naming its line, here at load time, never when a batch happens to draw it."""
-    prompts = []
-    for lineno, turns in _numbered_conversations(path, last="user"):
+    [(role, content), ...]; that is what a reward function receives. Prompts that leave no room for the response
+    in the context are handled here, at load time, as `too_long` says (check_too_long), never when a batch happens
+    to draw one."""
+    prompts, over = [], []
+    numbered = numbered_conversations(path, last="user")
+    for lineno, turns in numbered:
         prompt = turns[0][1] if len(turns) == 1 else turns
         n = len(tok.encode_prompt(prompt))
         if n > max_prompt_tokens:
-            raise UserError(f"{path}:{lineno}: prompt is {n} tokens in the chat format; at most "
-                            f"{max_prompt_tokens} fit (block_size minus max_new_tokens)")
-        prompts.append(prompt)
+            over.append(f"{path}:{lineno} ({n} tokens)")
+            prompt = truncate_prompt(tok, prompt, max_prompt_tokens) if too_long == "truncate" else None
+        if prompt is not None:
+            prompts.append(prompt)
+    check_too_long(over, len(numbered), "prompts", f"{max_prompt_tokens} tokens in the chat format (block_size "
+                   f"minus max_new_tokens)", too_long)
+    if not prompts:
+        raise UserError(f"{path}: no prompt fits in {max_prompt_tokens} tokens")
     return prompts
 
 
-def load_prompts(path, builtin, tok, block_size, max_new_tokens):
-    """Prompts to sample responses to: from a JSONL file when `path` is given (a prompt too long names its
-    line), else the built-in list. Either way, prompt + max_new_tokens fits the context, checked now, at load
-    time, rather than when a batch happens to draw the one prompt that does not fit."""
+def load_prompts(path, builtin, tok, block_size, max_new_tokens, too_long="error"):
+    """Prompts to sample responses to: from a JSONL file when `path` is given (prompts too long: see
+    load_ppo_prompts), else the built-in list. Either way, prompt + max_new_tokens fits the context, checked now,
+    at load time, rather than when a batch happens to draw the one prompt that does not fit."""
     if path:
-        return load_ppo_prompts(path, tok, block_size - max_new_tokens)
+        return load_ppo_prompts(path, tok, block_size - max_new_tokens, too_long)
     longest = max((len(tok.encode_prompt(p)) for p in builtin), default=0)
     if longest + max_new_tokens > block_size:
         raise UserError(f"--max_new_tokens={max_new_tokens}: the longest built-in prompt is {longest} tokens, and "
@@ -253,21 +300,43 @@ def load_docs_jsonl(path):
 # -----------------------------------------------------------------------------
 # batches: SFT examples, pretraining windows, and the padding both use
 
-def sft_example(tok, turns, block_size):
+def sft_example(tok, turns, block_size, truncate=False):
     """One conversation as (x, y, n_dropped_turns), or None when even its last exchange does not fit.
 
     x = the tokens but the last, y = the tokens shifted by one with IGNORE wherever the token is not learned (see
     Tokenizer.encode_turns). A conversation longer than the context drops its oldest user/assistant exchanges first (the
-    system turn stays), so the last assistant turn is always learned whole, never cut."""
+    system turn stays), so the last assistant turn is always learned whole, never cut. With truncate, a last exchange
+    that does not fit keeps its last block_size + 1 tokens instead (the end of the answer is always among them)."""
     system = turns[:1] if turns[0][0] == "system" else []
     body = turns[len(system):]
     starts = [i for i in range(len(body)) if i == 0 or body[i - 1][0] == "assistant"]  # where an exchange begins
     for n_dropped, start in enumerate(starts):  # drop the oldest exchange until the rest fits
         ids, learn = tok.encode_turns(system + body[start:])
-        if len(ids) <= block_size + 1:
+        if len(ids) <= block_size + 1 or (truncate and n_dropped == len(starts) - 1):
+            ids, learn = ids[-(block_size + 1):], learn[-(block_size + 1):]
             x, y = ids[:-1], [t if keep else IGNORE for t, keep in zip(ids[1:], learn[1:])]
             return x, y, n_dropped
     return None
+
+
+def sft_examples(numbered, tok, block_size, too_long, what):
+    """[(where, turns)] -> [(x, y)], the conversations that fit block_size (see sft_example); those whose last
+    exchange alone does not fit are an error, left out or truncated, as too_long says (check_too_long)."""
+    examples, over, n_short = [], [], 0
+    for where, turns in numbered:
+        made = sft_example(tok, turns, block_size)
+        if made is None:
+            over.append(where)
+            made = sft_example(tok, turns, block_size, truncate=True) if too_long == "truncate" else None
+        elif made[2]:
+            n_short += 1
+        if made is not None:
+            examples.append(made[:2])
+    check_too_long(over, len(numbered), f"{what} conversations (the last exchange alone)",
+                   f"block_size={block_size}", too_long)
+    print0(f"data: {what} {len(examples)} conversations | {n_short} lost their oldest exchanges to fit "
+           f"block_size={block_size}")
+    return examples
 
 
 def collate(examples, pad_id):

@@ -10,7 +10,7 @@ import kernels
 from nanopost import data
 from nanopost.common import UserError
 from nanopost.data import (IGNORE, collate, load_conversations, load_docs_jsonl, load_ppo_prompts,
-                           load_prompts, pack, sft_example, windows)
+                           load_prompts, pack, sft_example, sft_examples, windows)
 from nanopost.tokenizer import get_tokenizer
 from nanopost.world import write_world
 
@@ -85,16 +85,47 @@ def test_ppo(tmp_path, tok):
     assert tok.encode_prompt("x") == tok.encode_turns([("user", "x")])[0] + [tok.assistant_id]
 
 
-def test_ppo_prompt_too_long_names_its_line(tmp_path, tok):
+def test_ppo_prompts_too_long_are_named_all_at_once(tmp_path, tok):
     # refused at load time, not when a batch happens to draw the prompt hours into a run
     long = "Write an addition that equals 17, " * 8
     path = _write(tmp_path, _lines({"prompt": "x"}, {"prompt": "y"}, {"prompt": long}, {"prompt": "z"}))
     n = len(tok.encode_prompt(long))
     limit = len(tok.encode_prompt(long)) - 1  # one token short: the boundary, not a wide margin
-    with pytest.raises(UserError, match=f"^{re.escape(path)}:3: prompt is {n} tokens in the chat format; "
-                                        f"at most {limit} fit"):
+    with pytest.raises(UserError, match=f"^1 of 4 prompts do not fit in {limit} tokens in the chat format "
+                                        f"\\(block_size minus max_new_tokens\\): {re.escape(path)}:3 \\({n} tokens\\)\\. "
+                                        f"--too_long=drop leaves them out, --too_long=truncate keeps the end of each$"):
         load_ppo_prompts(path, tok, limit)
     assert load_ppo_prompts(path, tok, n)[2] == long  # exactly full is allowed
+    # a dozen too long: one run names how many and the first three, not one per run
+    many = _write(tmp_path, _lines(*[{"prompt": long if i % 2 else "x"} for i in range(25)]), "many.jsonl")
+    with pytest.raises(UserError, match=f"^12 of 25 prompts do not fit .*: {re.escape(many)}:2 \\({n} tokens\\), "
+                                        f"{re.escape(many)}:4 .*, {re.escape(many)}:6 .* and 9 more\\. --too_long"):
+        load_ppo_prompts(many, tok, limit)
+
+
+def test_ppo_prompts_too_long_dropped_or_truncated(tmp_path, capsys):
+    from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text, train_bpe
+    tok = from_bpe_text("t.bpe", bpe_text(train_bpe(["What is 2+2? Answer briefly."], 300, 4), TRAINED_SPECIALS),
+                        "t.bpe")  # a tokenizer with a system turn
+    long = "Write an addition that equals 17, " * 8
+    system = [("system", "Answer briefly.")]
+    exchange = [("user", "What is 2+2? " * 3), ("assistant", "4")]
+    conversation = system + exchange * 3 + [("user", long)]
+    path = _write(tmp_path, _lines({"prompt": "x"}, {"prompt": long},
+                                   {"messages": [{"role": r, "content": c} for r, c in conversation]}))
+    limit = 40
+    assert load_ppo_prompts(path, tok, limit, too_long="drop") == ["x"]
+    assert "data: 2 of 3 prompts do not fit in 40 tokens" in capsys.readouterr().out
+    kept = load_ppo_prompts(path, tok, limit, too_long="truncate")
+    assert kept[0] == "x" and long.endswith(kept[1]) and len(tok.encode_prompt(kept[1])) == limit
+    # the conversation: its older exchanges go, the system turn stays, the last turn keeps its end
+    assert kept[2][0] == system[0] and kept[2][-1][0] == "user" and long.endswith(kept[2][-1][1])
+    assert len(tok.encode_prompt(kept[2])) <= limit and len(kept[2]) == 2
+    # no room for the system turn and one character: truncation cannot help, so that prompt is left out
+    tight = len(tok.encode_prompt(system + [("user", "x")])) - 1
+    assert load_ppo_prompts(path, tok, tight, too_long="truncate") == ["x", long[-tight + 2:]]
+    with pytest.raises(UserError, match="no prompt fits in 2 tokens"):  # and none left at all is an error
+        load_ppo_prompts(path, tok, 2, too_long="drop")
 
 
 GOOD = '{"prompt": "p", "completion": "c"}\n'
@@ -208,8 +239,9 @@ def test_load_prompts_checks_the_fit_of_file_and_builtin_prompts(tmp_path, tok):
     # a file: the same budget, and the line of the prompt that does not fit
     path = _write(tmp_path, _lines(*({"prompt": p} for p in builtin)))
     assert load_prompts(path, [], tok, block_size=longest + 4, max_new_tokens=4) == builtin
-    with pytest.raises(UserError, match=f"^{re.escape(path)}:2: prompt is {longest} tokens"):
+    with pytest.raises(UserError, match=f"^1 of 2 prompts do not fit .*: {re.escape(path)}:2 \\({longest} tokens"):
         load_prompts(path, [], tok, block_size=longest + 4, max_new_tokens=5)
+    assert load_prompts(path, [], tok, block_size=longest + 4, max_new_tokens=5, too_long="drop") == ["x"]
 
 
 # -----------------------------------------------------------------------------
@@ -275,6 +307,23 @@ def test_long_conversations_drop_their_oldest_exchanges_first(tok):
     assert dropped == 2 and x == last[:-1]
     assert tok.decode([t for t in y if t != IGNORE]) == "the last answer<|endoftext|>"  # learned whole, never cut
     assert sft_example(tok, turns, len(last) - 2) is None  # the last exchange alone does not fit: dropped
+    x, y, dropped = sft_example(tok, turns, 5, truncate=True)  # unless truncated: its last 6 tokens
+    assert x == last[-6:-1] and y == last[-5:] and dropped == 2
+
+
+def test_sft_conversations_too_long_named_dropped_or_truncated(tok, capsys):
+    fits = [("user", "hi"), ("assistant", "ok")]
+    long = [("user", "Write an addition that equals 17. " * 4), ("assistant", "17+0=17")]
+    numbered = [(f"c.jsonl:{i + 1}", long if i in (1, 4, 5, 8) else fits) for i in range(10)]
+    block_size = len(tok.encode_turns(fits)[0]) + 4
+    with pytest.raises(UserError, match=r"^4 of 10 sft train conversations \(the last exchange alone\) do not fit in "
+                                        r"block_size=\d+: c.jsonl:2, c.jsonl:5, c.jsonl:6 and 1 more\. --too_long=drop"):
+        sft_examples(numbered, tok, block_size, "error", "sft train")
+    assert len(sft_examples(numbered, tok, block_size, "drop", "sft train")) == 6
+    assert "data: 4 of 10 sft train conversations (the last exchange alone) do not fit" in capsys.readouterr().out
+    cut = sft_examples(numbered, tok, block_size, "truncate", "sft train")
+    assert len(cut) == 10 and all(len(x) == block_size for x, _ in cut[1:2] + cut[4:6] + cut[8:9])
+    assert tok.decode([t for t in cut[1][1] if t != IGNORE]) == "17+0=17<|endoftext|>"  # the answer's end learned
 
 
 def test_windows_targets_are_inputs_shifted_by_one():

@@ -211,16 +211,19 @@ def prompts_file(path, prompts):
     return str(path)
 
 
-def test_too_long_prompt_names_its_line_before_training(tiny_ckpt, ppo_main, tok, tmp_path):
+def test_too_long_prompts_named_before_training_or_dropped(tiny_ckpt, ppo_main, tok, tmp_path, capsys):
     long = "Write an addition that equals 17, and then " * 6
     n = len(tok.encode_prompt(long))
     path = prompts_file(tmp_path / "prompts.jsonl", [f"Write an addition that equals {k}." for k in range(11, 20)]
                         + [long])
     out = tmp_path / "out"
-    with pytest.raises(UserError, match=f"^{re.escape(path)}:10: prompt is {n} tokens in the chat format; at most "
-                                        f"{64 - 6} fit"):
+    with pytest.raises(UserError, match=f"^1 of 10 prompts do not fit in {64 - 6} tokens in the chat format .*: "
+                                        f"{re.escape(path)}:10 \\({n} tokens\\)"):
         ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={out}", f"--prompts={path}", "--max_iters=1"])
     assert not out.exists(), "refused before anything was written"
+    ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={out}", f"--prompts={path}", "--max_iters=1",
+              "--too_long=drop", "--eval_interval=0"])
+    assert "data: 1 of 10 prompts do not fit in 58 tokens" in capsys.readouterr().out
 
 
 def test_reward_fn_raising_stops_the_run(tiny_ckpt, ppo_main, tmp_path):
