@@ -7,11 +7,17 @@ The whole algorithm is one loop in main(), read top to bottom like cleanrl's ppo
   2. score     reward_fn(prompts, responses) -> one float per response (default: the built-in verifier), or a
                learned reward model (--reward_model) on the whole batch in one forward
   3. logprobs  recompute log pi(a_t|s_t) of the sampled tokens under the policy and the frozen reference
-  4. rewards   r_t = -kl_coef * KL_t on every response token, + score on the last real token (Ziegler et al. 2019)
+  4. rewards   the score on the last real token (Ziegler et al. 2019), and -kl_coef * the KL estimate: at the
+               token's own position (k1) or at the next (full, k3: the rest of the KL's gradient is in the loss)
   5. GAE       advantages over response tokens, whitened over real tokens (Schulman et al. 2016); or one
                advantage per response from its group of group_size samples of the same prompt (GRPO, RLOO)
   6. update    ppo_epochs passes of shuffled minibatches: clipped ratio objective, clipped value loss,
-               entropy bonus, gradient clipping; pad tokens never contribute (Schulman et al. 2017)
+               entropy bonus, the KL's direct part (full, k3), gradient clipping; pad tokens never contribute
+               (Schulman et al. 2017)
+
+Every KL mode climbs the same objective, J = E[score] - kl_coef * KL(pi || ref) with the KL of whole responses,
+whose optimum is pi* ∝ ref * exp(score / kl_coef) (see kl_rewards; tests/test_kl_objective.py proves it): gae
+exactly when lam = 1 (below 1, GAE trades bias for variance), rloo exactly, grpo with its score rescaled (below).
 
     python train_ppo.py --init_from=out/sft/ckpt.pt --out_dir=out/ppo_sft       # or from out/base/ckpt.pt
     python train_ppo.py --init_from=resume --out_dir=out/ppo_sft --max_iters=400  # continue exactly
@@ -20,18 +26,17 @@ The whole algorithm is one loop in main(), read top to bottom like cleanrl's ppo
     python train_ppo.py --init_from=out/base/ckpt.pt --advantage=grpo --group_size=8   # no value model
     python train_ppo.py --reward_model=out/rm/ckpt.pt   # RLHF: a reward model from train_sft.py --data=prefs
 
-Critic-free advantages (outcome supervision: one scalar per response, on all its tokens; no value model, no
-value optimizer, no value loss). --batch_size counts responses, so an iteration costs the same whatever
+Critic-free advantages (outcome supervision: the score's advantage is one scalar per response, on all its tokens;
+no value model, no value optimizer, no value loss). --batch_size counts responses, so an iteration costs the same whatever
 group_size is: batch_size / group_size prompts, each sampled group_size times, a group never split over ranks.
   grpo  A_i = (s_i - mean(s_group)) / (std(s_group) + 1e-4), sample std (Shao et al. 2024, DeepSeekMath, sec.
-        4.1.2). The KL goes in the LOSS, as there: + kl_coef * k3(pi, ref) per token, k3 being the unbiased,
-        non-negative estimator whose gradient pulls toward the reference (the gradient of a k1 term in the
-        loss is zero in expectation); --kl_estimator does not apply. The score alone enters the advantage,
-        so the group normalisation never rescales the penalty.
-  rloo  A_i = R_i - mean(R_j, j != i), with R_i = score_i - kl_coef * sum_t KL_t: the KL stays in the REWARD
-        as a sequence-level penalty (Ahmadian et al. 2024, "Back to Basics", sec. 3), --kl_estimator as for gae.
-        Leave-one-out keeps the baseline independent of the response it judges, so the estimate is unbiased.
-  kl_coef is beta of KL(pi || ref) in all three; 0 removes the anchor.
+        4.1.2). Standardising a group rescales its prompt's score: per prompt, grpo climbs E[s]/c - kl_coef * KL
+        with c the group's std (and (k-1)/k for the own sample in the mean), so its optimum sharpens as the group
+        agrees (Liu et al. 2025, "Dr. GRPO", make the same point). The KL is not standardised.
+  rloo  A_i = s_i - mean(s_j, j != i) (Ahmadian et al. 2024, "Back to Basics", sec. 3; Kool et al. 2019): the
+        baseline is independent of the response it judges, so the estimate of grad E[s] is unbiased.
+  Both add the KL's per-token reward-to-go less the other responses' mean (group_advantages), and the direct
+  part in the loss, so the KL term is the gradient of kl_coef * KL(pi || ref) as it is for gae.
 
 Details follow Huang et al. 2024, "The N Implementation Details of RLHF with PPO" (Ziegler et al. 2019's recipe):
 the reference is the initial policy; log-probs are recomputed at the sampling temperature (the gap to sampling is
@@ -48,6 +53,10 @@ Deliberate deviations:
   - constant learning rate (no annealing) so a resumed run is the same run whatever max_iters says
   - GRPO's loss is a mean over all real tokens of the minibatch, not a mean of per-response means (Shao et
     al.): every token weighs the same, as in the PPO loss here (and as Liu et al. 2025, "Dr. GRPO", argue)
+  - GRPO's KL is not Shao et al.'s k3 in the loss: on policy that term's gradient is grad KL(ref || pi), the other
+    direction, and it misses the prefix part; --kl_estimator=k3 here weights it by the ratio and adds that part
+  - the KL term shrinks with the advantages: whitening divides them by their std, and the loss's KL term by the
+    same, so the update stays a positive multiple of grad J
 """
 
 import math
@@ -121,8 +130,9 @@ class Config:
     whiten_rewards: bool = knob(False, "whiten per-token rewards (no mean shift) before GAE (gae only)")
     # KL penalty
     kl_coef: float = knob(0.05, "initial KL penalty coefficient beta", ge=0)
-    kl_estimator: str = knob("k1", "per-token KL in the reward: k1 | k3 | full (exact over the vocab); grpo: k3 in "
-                             "the loss", choices=("k1", "k3", "full"))
+    kl_estimator: str = knob("full", "per-token KL(pi || ref): full (exact over the vocab: the prefix part in the "
+                                     "reward, the direct part in the loss) | k1 (all in the reward) | k3 (as full, "
+                                     "sampled)", choices=("full", "k1", "k3"))
     adaptive_kl: bool = knob(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
     kl_target: float = knob(1.0, "target KL per response (nats) for the adaptive controller", gt=0)
     kl_horizon: int = knob(10000, "adaptive controller horizon, in responses", ge=1)
@@ -214,10 +224,21 @@ def value_loss(newvalues, old_values, returns, mask, clip_coef, n=None):
     return v_loss, vf_clipfrac
 
 
-def kl_penalty(logp, ref_logp, estimator, full_kl=None):
-    """Per-token KL(pi || ref) estimate on the sampled tokens (Schulman 2020, "Approximating KL divergence").
+# The objective is J = E[score] - beta * KL(pi || ref), the KL of whole responses: E_pi[sum_t KL_t], KL_t =
+# KL(pi(.|s_t) || ref(.|s_t)) at the states pi visits. Its gradient has two parts (Amini, Vieira & Cotterell 2025,
+# "Better Estimation of the KL Divergence Between Language Models", sec. on Rao-Blackwellized gradients):
+#   direct  sum_t grad KL_t at each visited state, the state held fixed;
+#   prefix  sum_t grad log pi(a_t|s_t) * sum_{t' > t} KL_t': a token is charged the KL of the states it leads to.
+# k1 carries both in the reward: at its own token E[grad log pi * (log pi - log ref)] = grad KL_t is the direct
+# part. k3 and full put the prefix part in the reward and the direct part in the loss (kl_direct). A k3 or exact
+# KL in the reward at its own token would be wrong: E[grad log pi * KL_t] = 0 drops the direct part (full), and
+# E[grad k3] = grad KL(ref || pi), the other direction. tests/test_kl_objective.py enumerates every expectation
+# on a two-token bandit in float64 and checks each mode's expected gradient against grad J.
+
+def kl_estimate(logp, ref_logp, estimator, full_kl=None):
+    """Per-token estimate of KL_t at the sampled states (Schulman 2020, "Approximating KL divergence"):
     k1 = log pi - log ref (unbiased, can be negative); k3 = (r - 1) - log r with r = ref/pi (unbiased, >= 0);
-    full = the exact KL over the vocabulary at that position (passed in as full_kl)."""
+    full = the exact KL over the vocabulary (passed in as full_kl, from kernels.token_kl)."""
     if estimator == "k1":
         return logp - ref_logp
     if estimator == "k3":
@@ -225,6 +246,36 @@ def kl_penalty(logp, ref_logp, estimator, full_kl=None):
         return logr.exp() - 1.0 - logr
     assert estimator == "full" and full_kl is not None, f"kl estimator {estimator!r} needs full_kl"
     return full_kl
+
+
+def kl_rewards(kl, mask, estimator, kl_coef):
+    """The KL's per-token rewards (B, N), 0 at pads: -kl_coef * the estimate at its own token (k1), or at the next
+    one (k3, full: the prefix part; 0 after the last real token), the direct part then being in the loss."""
+    if estimator != "k1":
+        kl = torch.cat([torch.where(mask[:, 1:], kl[:, 1:], 0.0), torch.zeros_like(kl[:, :1])], 1)
+    return torch.where(mask, -kl_coef * kl, 0.0)
+
+
+def kl_direct(estimator, newlogp, old_logp, ref_logp, logits, ref_logits, temperature):
+    """The direct part of the KL gradient for the loss (B, N): full, the exact KL_t through kernels.token_kl's
+    backward (the whole expectation over next tokens, no sampling noise); k3, ratio * k3 with ratio = pi / pi_old,
+    whose mean under the rollout's pi_old is KL_t of the current pi, on and off policy. None for k1."""
+    if estimator == "full":
+        return kernels.token_kl(logits, ref_logits, temperature=temperature)
+    if estimator == "k3":
+        return (newlogp - old_logp).exp() * kl_estimate(newlogp, ref_logp, "k3")
+    return None
+
+
+def group_advantages(scores, rewards, mask, group_size, advantage):
+    """Critic-free advantages (B, N), 0 at pads: the score's advantage from its group on every token of a response
+    (grpo_advantages or rloo_advantages), plus each token's KL reward-to-go less the mean KL reward of the other
+    responses of its group (a baseline that cannot depend on the token). rewards: kl_rewards (no score)."""
+    togo = rewards.flip(1).cumsum(1).flip(1)  # (B, N) sum over t' >= t
+    total = togo[:, 0].view(-1, group_size)  # (B/k, k)
+    others = ((total.sum(1, keepdim=True) - total) / (group_size - 1)).view(-1)  # (B,)
+    score_adv = (grpo_advantages if advantage == "grpo" else rloo_advantages)(scores, group_size)  # (B,)
+    return torch.where(mask, score_adv[:, None] + togo - others[:, None], 0.0)
 
 
 def adaptive_kl_coef(kl_coef, current_kl, target, horizon, n_steps):
@@ -249,9 +300,6 @@ def main(argv):
                         f"{cfg.group_size}")
     if not critic and cfg.whiten_rewards:
         raise UserError("--whiten_rewards: only for --advantage=gae (a group baseline compares raw scores)")
-    if cfg.advantage == "grpo" and "kl_estimator" in given:
-        raise UserError(f"--kl_estimator={cfg.kl_estimator}: grpo puts the k3 KL estimate in the loss; the knob is "
-                        f"for the KL in the reward (gae, rloo)")
     snapshots = parse_steps(cfg.snapshot_steps, "snapshot_steps")
     rt = setup_runtime(cfg.device, cfg.dtype)
     local_bs = cfg.batch_size // rt.world_size
@@ -409,29 +457,29 @@ def main(argv):
             (b_logprobs, b_entropy), logits = response_logprobs(policy, b_tokens, b_attn, P, T, return_entropy=True)
             b_ref_logprobs, ref_logits = response_logprobs(ref_policy, b_tokens, b_attn, P, T)
             b_full_kl = kernels.token_kl(logits, ref_logits, temperature=T)  # (B, N) exact KL per position
+            b_ref_logits = ref_logits if cfg.kl_estimator == "full" else None  # (B, N, V) for the loss
             if critic:
                 b_values = at_response(value_model(b_tokens, attention_mask=b_attn), P).float()  # (B, N) V(s_t)
             del logits, ref_logits
         # sampling and recomputation agree up to kernel noise; a gap means a temperature, position or padding bug
         logprob_diff = torch.where(b_mask, (b_logprobs - ro.logprobs.to(rt.device)).abs(), 0.0).max()
 
-        # --- 4. per-token rewards: KL penalty everywhere, score on the last real token ---
-        b_kl = kl_penalty(b_logprobs, b_ref_logprobs, "k3" if cfg.advantage == "grpo" else cfg.kl_estimator,
-                          b_full_kl)  # (B, N); grpo: only logged here, its KL term is in the loss
-        b_rewards = torch.where(b_mask, -kl_coef * b_kl, torch.zeros_like(b_kl))
+        # --- 4. per-token rewards: the KL's (see kl_rewards), the score on the last real token ---
+        b_kl = kl_estimate(b_logprobs, b_ref_logprobs, cfg.kl_estimator, b_full_kl)  # (B, N)
+        b_kl_rewards = kl_rewards(b_kl, b_mask, cfg.kl_estimator, kl_coef)  # (B, N)
         last = b_mask.sum(1) - 1  # (B,) index of the last real response token (eot if ended)
-        b_rewards[torch.arange(B, device=rt.device), last] += b_scores
+        b_rewards = b_kl_rewards.index_put((torch.arange(B, device=rt.device), last), b_scores, accumulate=True)
+        kl_scale = 1.0  # the loss's KL term shrinks with the advantages it stands beside
         if cfg.whiten_rewards:
-            b_rewards = masked_whiten(b_rewards, b_mask, shift_mean=False)
+            b_rewards, kl_scale = masked_whiten(b_rewards, b_mask, shift_mean=False)
 
-        # --- 5. advantages: GAE and returns, or one per response from its group, on all its tokens ---
+        # --- 5. advantages: GAE and returns, or from the group of each response, on all its tokens ---
         if critic:
             b_advantages, b_returns = compute_gae(b_rewards, b_values, b_mask, cfg.gamma, cfg.lam)
-            b_advantages = masked_whiten(b_advantages, b_mask, shift_mean=True)
+            b_advantages, scale = masked_whiten(b_advantages, b_mask, shift_mean=True)
+            kl_scale *= scale
         else:
-            group_adv = (grpo_advantages(b_scores, cfg.group_size) if cfg.advantage == "grpo"
-                         else rloo_advantages(b_rewards.sum(1), cfg.group_size))  # (B,); rloo: score - beta*KL
-            b_advantages = torch.where(b_mask, group_adv[:, None], 0.0)  # (B, N)
+            b_advantages = group_advantages(b_scores, b_kl_rewards, b_mask, cfg.group_size, cfg.advantage)
         t_rollout = time.time() - t0
 
         # --- 6. PPO update: ppo_epochs passes of shuffled minibatches ---
@@ -445,8 +493,8 @@ def main(argv):
                 # gradient of the masked mean over the union (data parallel == one big process)
                 n_tok = all_reduce_sum(mb_mask.sum().double()).clamp(min=1.0)
                 with rt.autocast():
-                    (newlogprob, entropy), _ = response_logprobs(learner, b_tokens[mb_inds], b_attn[mb_inds], P, T,
-                                                                 return_entropy=True)
+                    (newlogprob, entropy), new_logits = response_logprobs(learner, b_tokens[mb_inds],
+                                                                          b_attn[mb_inds], P, T, return_entropy=True)
                 pg_loss, approx_kl, clipfrac, ratio = policy_loss(
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], mb_mask, cfg.clip_coef, n_tok)
                 entropy_bonus = masked_mean(entropy, mb_mask, n_tok)
@@ -459,9 +507,11 @@ def main(argv):
                                                      mb_mask, cfg.vf_clip_coef, n_tok)
                     loss = loss + v_loss  # disjoint parameters: one backward serves both models, each its optimizer
                     mb.update(v_loss=v_loss, vf_clipfrac=vf_clipfrac)
-                if cfg.advantage == "grpo":  # the KL anchor in the loss (Shao et al. 2024, eq. 3), k3 per token
-                    kl_loss = masked_mean(kl_penalty(newlogprob, b_ref_logprobs[mb_inds], "k3"), mb_mask, n_tok)
-                    loss = loss + kl_coef * kl_loss
+                direct = kl_direct(cfg.kl_estimator, newlogprob, b_logprobs[mb_inds], b_ref_logprobs[mb_inds],
+                                   new_logits, None if b_ref_logits is None else b_ref_logits[mb_inds], T)
+                if direct is not None:  # the direct part of the KL gradient (k3, full)
+                    kl_loss = masked_mean(direct, mb_mask, n_tok)
+                    loss = loss + kl_scale * kl_coef * kl_loss
                     mb.update(kl_loss=kl_loss)
                 for opt, _, _ in optimizers:
                     opt.zero_grad(set_to_none=True)

@@ -232,17 +232,19 @@ def masked_mean(x, mask, n=None):
 
 
 def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the real tokens of the global batch (all ranks); pads come out 0.
-    shift_mean=False keeps the mean (N-details: rewards are scaled, advantages are centred)."""
+    """(x - mean) / std over the real tokens of the global batch (all ranks); pads come out 0. -> (that, 1 / std):
+    the scale, for a loss term that must shrink with x. shift_mean=False keeps the mean (N-details: rewards are
+    scaled, advantages are centred)."""
     xm = torch.where(mask, x, torch.zeros_like(x)).double()
     stats = all_reduce_sum(torch.stack([xm.sum(), (xm * xm).sum(), mask.sum().double()]))
     mean = stats[0] / stats[2]
     var = (stats[1] / stats[2] - mean * mean).clamp(min=0.0)
     var = var * stats[2] / (stats[2] - 1).clamp(min=1.0)  # unbiased, as torch.var
-    out = (x.double() - mean) * torch.rsqrt(var + 1e-8)
+    scale = torch.rsqrt(var + 1e-8)
+    out = (x.double() - mean) * scale
     if not shift_mean:
         out = out + mean
-    return torch.where(mask, out.to(x.dtype), torch.zeros_like(x))
+    return torch.where(mask, out.to(x.dtype), torch.zeros_like(x)), scale.item()
 
 
 def assert_in_sync(model, step, what):

@@ -398,10 +398,11 @@ def test_masked_mean_and_whiten_match_torch_on_the_real_tokens():
     real = x[mask]
     torch.testing.assert_close(masked_mean(x_pads, mask), real.mean())
     torch.testing.assert_close(masked_mean(x_pads, mask, n=100), real.sum() / 100)
-    white = masked_whiten(x_pads, mask)
+    white, scale = masked_whiten(x_pads, mask)
     torch.testing.assert_close(white[mask], (real - real.mean()) / torch.sqrt(real.var() + 1e-8))
+    assert scale == pytest.approx(1 / math.sqrt(real.var() + 1e-8), rel=1e-12)  # what it divided by
     assert (white[~mask] == 0).all()
-    kept = masked_whiten(x_pads, mask, shift_mean=False)  # scaled, not centred
+    kept, _ = masked_whiten(x_pads, mask, shift_mean=False)  # scaled, not centred
     torch.testing.assert_close(kept[mask], (real - real.mean()) / torch.sqrt(real.var() + 1e-8) + real.mean())
     assert math.isclose(float(white[mask].std()), 1.0, rel_tol=1e-6)
 

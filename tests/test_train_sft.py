@@ -75,7 +75,7 @@ def test_pretrain_then_sft_smoke(base, sft, read_log):
     assert [r["step"] for r in evals] == [0, 4] and set(evals[0]["heldout"]) == set(evals[-1]["heldout"])
 
     out, p = sft
-    assert "lost their oldest turns" in p.stdout and "| kl " in p.stdout
+    assert "lost their oldest exchanges" in p.stdout and "| kl " in p.stdout
     losses = train_losses(read_log, out)
     assert [s for s, _ in losses] == list(range(1, 21)) and all(0 < l < 20 for _, l in losses)
     kls = [r["kl"] for r in read_log(out, "train")]
