@@ -24,10 +24,15 @@ The metrics, and the choices behind them:
   mean per-token entropy (nats) of pi at the sampled response positions.
 - forgetting: mean per-token cross-entropy on world.heldout[skill] (documents never trained on), and greedy
   accuracy on world.probes[skill], each reported as the change from the base model.
-- distance: forward KL(pi_base || pi) per response token, on responses sampled from pi for the held-out prompts,
-  averaged over response tokens. "RL's Razor" (Shenfeld, Pari & Agrawal 2025) finds that forgetting tracks
-  exactly this quantity, measured on the new task's distribution.
-Entropy and KL are taken at temperature 1 (the policy itself), whatever temperature the samples were drawn at.
+- distance: both directions of the KL of whole responses between pi and the base, per response, on the held-out
+  prompts, each estimated on the samples it is an expectation over: kl_base_pi = KL(pi_base || pi) on responses
+  sampled from the BASE, kl_pi_base = KL(pi || pi_base) on responses sampled from pi. The exact per-token KL
+  (kernels.token_kl) summed along a sampled response is an unbiased estimate of the sequence-level KL when the
+  samples come from the KL's first argument (E_p[sum_t KL(p(.|s_t) || q(.|s_t))] = KL(p || q) of sequences); on
+  the other model's samples it estimates neither direction. "RL's Razor" (Shenfeld, Pari & Agrawal 2025, eq. 1)
+  finds that forgetting tracks the forward one, E_x[KL(pi_base || pi)], measured on the new task's prompts.
+Entropy and KL are taken at temperature 1 (the policy itself); the samples are drawn at the eval temperature, 1 by
+default, where the estimates are unbiased.
 """
 
 import os
@@ -174,11 +179,10 @@ def probe_accuracy(model, tok, world, device, max_probes=64):
 # new task: sampling, verifier, diversity, entropy and KL to the base model
 
 @torch.no_grad()
-def response_stats(model, ro, base_model=None):
-    """
-    Per-token entropy of pi and forward KL(pi_base || pi) at the response positions of a rollout.
-    Returns (entropy_sum, kl_sum or None, n_tokens): sums, so batches can be pooled exactly.
-    """
+def response_stats(model, ro, other=None):
+    """Per-token entropy of `model` and, given `other`, KL(model || other) at the response positions of a rollout
+    sampled from `model`. Returns (entropy_sum, kl_sum or None, n_tokens): sums, so batches pool exactly; the KL
+    sum over a response is an unbiased estimate of KL(model || other) of whole responses (module docstring)."""
     P = ro.prompt_len
     # rows stop at eos, so the last columns are often pads in every row: drop them before the forward passes
     T = int(ro.mask.any(0).nonzero().max()) + 1
@@ -189,11 +193,10 @@ def response_stats(model, ro, base_model=None):
         (_, ent), logits = response_logprobs(model, tokens, mask, P, return_entropy=True)  # (b, T-P), (b, T-P, V)
         ent_sum += ent[rmask].sum().item()
         n_tok += int(rmask.sum())
-        if base_model is not None:
-            base_logits = at_response(base_model(tokens, attention_mask=mask), P)  # (b, T-P, V)
-            kl = kernels.token_kl(base_logits.float(), logits.float())  # (b, T-P) KL(pi_base || pi): forward KL
-            kl_sum += kl[rmask].sum().item()
-    return ent_sum, (kl_sum if base_model is not None else None), n_tok
+        if other is not None:
+            other_logits = at_response(other(tokens, attention_mask=mask), P)  # (b, T-P, V)
+            kl_sum += kernels.token_kl(logits.float(), other_logits.float())[rmask].sum().item()
+    return ent_sum, (kl_sum if other is not None else None), n_tok
 
 
 def score_samples(world, prompts, responses, ended, k, response_tokens=None):
@@ -235,8 +238,9 @@ def task_eval(model, tok, world, prompts, k=1, temperature=1.0, max_new_tokens=3
     Returns dict of floats: accuracy (mean over all samples of valid-and-ended), pass_at_k, ended, well_formed,
     reward (mean world.score), distinct_valid (distinct correct answers per prompt, mean over prompts),
     distinct_1, distinct_2 (token-level, per prompt over its k samples, mean over prompts), entropy (nats per
-    response token), resp_len (tokens), and kl_base (KL(pi_base || pi) per response token) when base_model is
-    given. With n_show > 0 it also returns "samples": the first n_show (prompt, response, verdict) triples.
+    response token), resp_len (tokens), and, when base_model is given, kl_pi_base and kl_base_pi (KL(pi ||
+    pi_base) on pi's samples, KL(pi_base || pi) on k samples per prompt from the base; nats per response; see the
+    module docstring). With n_show > 0 it also returns "samples": the first n_show (prompt, response, verdict) triples.
     Deterministic: a torch.Generator seeded with `seed` drives all sampling.
     """
     if k < 1:
@@ -262,11 +266,18 @@ def task_eval(model, tok, world, prompts, k=1, temperature=1.0, max_new_tokens=3
             for b in range(len(ro.responses)):
                 ids = ro.tokens[b, P:][ro.response_mask[b]].tolist()
                 resp_tokens.append([t for t in ids if t != tok.eot_id])
+        base_gen = torch.Generator(device=device).manual_seed(seed + 1)  # the base's samples: the same for any pi
+        base_kl_sum = 0.0
+        for i in range(0, len(flat), ROLLOUT_BATCH) if base_model is not None else ():
+            ro = rollout(base_model, tok, flat[i:i + ROLLOUT_BATCH], max_new_tokens, temperature=temperature,
+                         top_k=top_k, generator=base_gen)
+            base_kl_sum += response_stats(base_model, ro, model)[1]
     out, verdicts = score_samples(world, flat, responses, ended, k, resp_tokens)
     out["entropy"] = ent_sum / max(n_tok, 1)
     out["resp_len"] = n_tok / len(flat)
     if base_model is not None:
-        out["kl_base"] = kl_sum / max(n_tok, 1)
+        out["kl_pi_base"] = kl_sum / len(flat)
+        out["kl_base_pi"] = base_kl_sum / len(flat)
     if n_show:
         out["samples"] = list(zip(flat, responses, verdicts))[:n_show]
     return out
@@ -294,7 +305,7 @@ def reward_eval(model, tok, prompts, reward_fn, k=1, temperature=1.0, max_new_to
 def evaluate_model(model, tok, world, device, base_model=None, base_metrics=None, k=8, n_prompts=24,
                    temperature=1.0, max_new_tokens=32, seed=0, max_docs=64, max_probes=64):
     """
-    Every metric for one model, flat: task metrics, kl_base, loss/<skill>, probe/<skill>, and, given the base
+    Every metric for one model, flat: task metrics, kl_pi_base and kl_base_pi, loss/<skill>, probe/<skill>, and, given the base
     model's own metrics, dloss/<skill>, dloss_mean and dprobe/<skill> (this model minus the base).
     """
     prompts = spread(world.eval_prompts, n_prompts)
@@ -327,12 +338,12 @@ def evaluate_checkpoints(base_path, paths, device="cpu", world_seed=-1, log=prin
     # the base is the zero point: KL to itself is 0 (tests check the kernel agrees), its losses anchor forgetting
     t0 = time.time()
     base_metrics = evaluate_model(base_model, tok, world, device, base_model=None, **kw)
-    base_metrics["kl_base"] = 0.0
+    base_metrics["kl_pi_base"] = base_metrics["kl_base_pi"] = 0.0
     for key in [key for key in list(base_metrics) if key.startswith(("loss/", "probe/"))]:
         base_metrics["d" + key] = 0.0
     base_metrics["dloss_mean"] = 0.0
     results[base_path] = base_metrics
-    log(f"eval | {base_path} | acc {base_metrics['accuracy']:.3f} | kl {base_metrics['kl_base']:.4f} | "
+    log(f"eval | {base_path} | acc {base_metrics['accuracy']:.3f} | kl {base_metrics['kl_base_pi']:.4f} | "
         f"{time.time() - t0:.1f}s")
     for path in paths:
         t0 = time.time()
@@ -342,7 +353,7 @@ def evaluate_checkpoints(base_path, paths, device="cpu", world_seed=-1, log=prin
             raise UserError(f"{path}: tokenizer {other.name!r} differs from the base checkpoint's {tok.name!r}")
         m = evaluate_model(model, tok, world, device, base_model=base_model, base_metrics=base_metrics, **kw)
         results[path] = m
-        log(f"eval | {path} | acc {m['accuracy']:.3f} | kl {m['kl_base']:.4f} | dloss {m['dloss_mean']:+.4f} | "
+        log(f"eval | {path} | acc {m['accuracy']:.3f} | kl {m['kl_base_pi']:.4f} | dloss {m['dloss_mean']:+.4f} | "
             f"{time.time() - t0:.1f}s")
         del model
     return results
@@ -406,7 +417,8 @@ def table_columns(metrics_list):
     cols = [("accuracy", "acc", "{:.3f}"), ("pass_at_k", "pass@k", "{:.3f}"),
             ("distinct_valid", "distinct_valid", "{:.2f}"), ("distinct_1", "dist-1", "{:.3f}"),
             ("distinct_2", "dist-2", "{:.3f}"), ("entropy", "entropy", "{:.3f}"),
-            ("kl_base", "KL(base||pi)", "{:.4f}"), ("dloss_mean", "dloss_mean", "{:+.4f}")]
+            ("kl_base_pi", "KL(base||pi)", "{:.3f}"), ("kl_pi_base", "KL(pi||base)", "{:.3f}"),
+            ("dloss_mean", "dloss_mean", "{:+.4f}")]
     keys = {}  # insertion-ordered set: skills stay in world.skills order
     for m in metrics_list:
         keys.update(dict.fromkeys(m))

@@ -232,8 +232,8 @@ def pearson(xs, ys):
 
 def kl_forgetting_line(points):
     """The paper's central claim in one number: across checkpoints, does forgetting track KL(base || pi)?"""
-    points = [x for x in points if "kl_base" in x and "dloss_mean" in x]
-    r = pearson([x["kl_base"] for x in points], [x["dloss_mean"] for x in points])
+    points = [x for x in points if "kl_base_pi" in x and "dloss_mean" in x]
+    r = pearson([x["kl_base_pi"] for x in points], [x["dloss_mean"] for x in points])
     if r is None:
         return f"Pearson r(KL(base||pi), mean Δ held-out loss): undefined over {len(points)} checkpoint(s)."
     return (f"Pearson r(KL(base||pi), mean Δ held-out loss) over {len(points)} post-trained checkpoints (SFT's "
@@ -266,9 +266,9 @@ def plot_pareto(per_method, path, trajectories=()):
     import matplotlib.pyplot as plt
 
     points = [(method, r) for method, runs in per_method.items() for r in runs
-              if all(k in r for k in ("accuracy", "dloss_mean", "kl_base"))]
+              if all(k in r for k in ("accuracy", "dloss_mean", "kl_base_pi"))]
     markers = dict(base="*", sft="o", sft_matched="v", ppo="^", grpo="^", rloo="^")
-    kls = [r["kl_base"] for _, r in points]
+    kls = [r["kl_base_pi"] for _, r in points]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for i, traj in enumerate(trajectories):
         ax.plot([m["accuracy"] for m in traj], [m["dloss_mean"] for m in traj], color="grey", lw=0.8, marker=".",
@@ -277,7 +277,7 @@ def plot_pareto(per_method, path, trajectories=()):
         pts = [r for m, r in points if m == method]
         if not pts:
             continue
-        sc = ax.scatter([r["accuracy"] for r in pts], [r["dloss_mean"] for r in pts], c=[r["kl_base"] for r in pts],
+        sc = ax.scatter([r["accuracy"] for r in pts], [r["dloss_mean"] for r in pts], c=[r["kl_base_pi"] for r in pts],
                         cmap="viridis", vmin=min(kls), vmax=max(max(kls), min(kls) + 1e-9), zorder=2,
                         marker=markers.get(method, "o"), s=70, edgecolors="black", label=method)
     ax.axhline(0.0, color="grey", lw=0.5)

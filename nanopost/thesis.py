@@ -242,9 +242,9 @@ def summarize(cfg, runs, results):
     for (method, seed), pts in runs.items():
         traj = [(0, base_m)] + [(s, results[p]) for s, p in pts]
         final = traj[-1][1]
-        row = dict(acc=final["accuracy"], forgetting=final["dloss_mean"], kl=final["kl_base"],
+        row = dict(acc=final["accuracy"], forgetting=final["dloss_mean"], kl=final["kl_base_pi"],
                    distinct_valid=final["distinct_valid"], steps=[s for s, _ in traj],
-                   curve=trajectory(traj), kl_curve=trajectory(traj, "kl_base"))
+                   curve=trajectory(traj), kl_curve=trajectory(traj, "kl_base_pi"))
         row.update({k: final[k] for k in final if k.startswith(("pi_", "opt_"))})
         for a in levels:
             row[f"forgetting@{a}"] = value_at(row["curve"], a)

@@ -4,12 +4,16 @@ logit is 0) has entropy and held-out loss log V; a model has KL 0 to itself; dis
 accuracy on fixed lists.
 """
 
+import itertools
 import math
 
 import pytest
+import torch
 
 from nanopost import evaluate as E
 from nanopost.common import UserError
+from nanopost.evaluate import response_stats
+from nanopost.rollout import Rollout
 
 P10 = "Write an addition that equals 10."
 P20 = "Give two numbers that add up to 20."
@@ -76,9 +80,9 @@ def test_uniform_model_entropy_is_log_v(tok, world, tiny_gpt):
 def test_kl_to_itself_is_zero_and_to_another_model_positive(tok, world, tiny_gpt):
     model, other = tiny_gpt(seed=0), tiny_gpt(seed=1)
     same = E.task_eval(model, tok, world, [P10, P20], k=2, max_new_tokens=4, seed=0, base_model=model)
-    assert same["kl_base"] == pytest.approx(0.0, abs=1e-6)
+    assert same["kl_base_pi"] == pytest.approx(0.0, abs=1e-6)
     diff = E.task_eval(model, tok, world, [P10, P20], k=2, max_new_tokens=4, seed=0, base_model=other)
-    assert diff["kl_base"] > 1e-4
+    assert diff["kl_base_pi"] > 1e-4
     # the samples come from pi alone, so the base model does not change any sample-based metric
     assert diff["distinct_1"] == same["distinct_1"] and diff["entropy"] == pytest.approx(same["entropy"])
 
@@ -105,8 +109,8 @@ def test_evaluate_cli_prints_table_with_zero_base_deltas(tiny_gpt, save_tiny_ckp
     results = E.main([f"--base={paths[0]}", paths[1], "--k=2", "--n_prompts=2", "--max_new_tokens=4",
                       "--max_docs=2", "--max_probes=2", "--device=cpu"])
     base, other = results[paths[0]], results[paths[1]]
-    assert base["kl_base"] == pytest.approx(0.0, abs=1e-6) and base["dloss_mean"] == 0.0
-    assert other["kl_base"] > 0
+    assert base["kl_base_pi"] == pytest.approx(0.0, abs=1e-6) and base["dloss_mean"] == 0.0
+    assert other["kl_base_pi"] > 0
     assert other["dloss/facts"] == pytest.approx(other["loss/facts"] - base["loss/facts"])
     out = capsys.readouterr().out
     assert "KL(base||pi)" in out and paths[1] in out
@@ -147,7 +151,7 @@ def test_evaluate_on_your_data_reports_your_loss_and_your_reward(tiny_ckpt, tok,
 
 
 def test_table_columns_follow_the_data():
-    builtin = dict(accuracy=0.5, reward=0.5, ended=1.0, resp_len=8.0, kl_base=1.0)  # task_eval's keys
+    builtin = dict(accuracy=0.5, reward=0.5, ended=1.0, resp_len=8.0, kl_base_pi=1.0)  # task_eval's keys
     yours = dict(val_loss=2.0, reward=0.25, ended=0.5, resp_len=12.0)
     assert [h for _, h, _ in E.table_columns([builtin])] == ["acc", "KL(base||pi)"]  # reward is acc there
     assert [h for _, h, _ in E.table_columns([yours])] == ["val_loss", "reward", "ended", "resp_len"]
@@ -165,3 +169,35 @@ def test_evaluate_on_your_data_bad_input_names_the_knob_or_file(tiny_ckpt, tmp_p
     short.write_text("too short")
     with pytest.raises(UserError, match=f"^{short}: [0-9]+ tokens, fewer than block_size\\+2=66$"):
         E.main([f"--data={short}", tiny_ckpt])
+
+
+def test_both_kl_directions_are_estimated_on_the_right_samples():
+    # two tokens, A and B, after a prompt token: the base is uniform; pi puts 0.99 on A, then 0.99 on A again
+    # after an A (uniform after a B). Summed along sampled responses, the exact per-token KL estimates the
+    # sequence-level KL when the samples come from its first argument: KL(base || pi) = 2.42 on the base's
+    # samples, KL(pi || base) = 1.27 on pi's. The forward KL on pi's samples (what the evaluation used to report)
+    # comes out 3.21: neither
+    class Table(torch.nn.Module):  # next-token logits from the last token: 2 = the prompt, 0 = A, 1 = B
+        def __init__(self, probs):
+            super().__init__()
+            self.logits = torch.tensor(probs).log()  # (3 states, 2 tokens)
+
+        def forward(self, tokens, attention_mask=None):
+            return self.logits[tokens]  # (B, T, 2)
+
+    base = Table([[0.5, 0.5]] * 3)
+    pi = Table([[0.99, 0.01], [0.5, 0.5], [0.99, 0.01]])
+
+    def expected(sampler, first, second):
+        """E over sampler's responses of response_stats' KL(first || second), every response enumerated."""
+        total = 0.0
+        for y in itertools.product(range(2), repeat=2):
+            tokens = torch.tensor([[2, *y]])
+            ro = Rollout([""], [""], tokens, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool),
+                         torch.zeros(1, 2), torch.ones(1, dtype=torch.bool), 1)
+            p = math.exp(float(torch.log_softmax(sampler(tokens)[0, :2], -1).gather(-1, tokens[0, 1:, None]).sum()))
+            total += p * response_stats(first, ro, second)[1]
+        return total
+    assert expected(base, base, pi) == pytest.approx(2.42, abs=0.005)  # KL(base || pi), the base's samples
+    assert expected(pi, pi, base) == pytest.approx(1.27, abs=0.005)    # KL(pi || base), pi's samples
+    assert expected(pi, base, pi) == pytest.approx(3.21, abs=0.005)    # the old mix

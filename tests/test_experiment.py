@@ -16,7 +16,7 @@ from nanopost.common import UserError
 
 def fake_runs():
     def run(acc, dloss, kl):
-        return dict(accuracy=acc, distinct_valid=1.0, distinct_1=0.5, distinct_2=0.6, entropy=1.0, kl_base=kl,
+        return dict(accuracy=acc, distinct_valid=1.0, distinct_1=0.5, distinct_2=0.6, entropy=1.0, kl_base_pi=kl,
                     dloss_mean=dloss, **{"dloss/facts": dloss, "dprobe/facts": -dloss, "loss/facts": 2.0 + dloss,
                                          "probe/facts": 0.8 - dloss})
     return {"base": [run(0.1, 0.0, 0.0)], "sft": [run(0.5, 0.3, 2.0), run(0.7, 0.5, 3.0)],
@@ -116,12 +116,12 @@ def test_stages_wire_each_method_to_its_start_and_budget(tmp_path, monkeypatch):
 
 
 def test_sft_matched_interpolates_every_metric_at_the_rl_accuracy():
-    base = dict(accuracy=0.0, dloss_mean=0.0, kl_base=0.0, name="base")
-    traj = [base, dict(accuracy=0.4, dloss_mean=0.1, kl_base=1.0), dict(accuracy=0.8, dloss_mean=0.5, kl_base=3.0),
-            dict(accuracy=0.6, dloss_mean=0.9, kl_base=4.0)]  # falls back below 0.8 at the end
+    base = dict(accuracy=0.0, dloss_mean=0.0, kl_base_pi=0.0, name="base")
+    traj = [base, dict(accuracy=0.4, dloss_mean=0.1, kl_base_pi=1.0), dict(accuracy=0.8, dloss_mean=0.5, kl_base_pi=3.0),
+            dict(accuracy=0.6, dloss_mean=0.9, kl_base_pi=4.0)]  # falls back below 0.8 at the end
     m = X.matched(traj, 0.6)  # first reached between 0.4 and 0.8: halfway, not at the later 0.6 end
-    assert m == pytest.approx(dict(accuracy=0.6, dloss_mean=0.3, kl_base=2.0))
-    assert X.matched(traj, 0.2) == pytest.approx(dict(accuracy=0.2, dloss_mean=0.05, kl_base=0.5))
+    assert m == pytest.approx(dict(accuracy=0.6, dloss_mean=0.3, kl_base_pi=2.0))
+    assert X.matched(traj, 0.2) == pytest.approx(dict(accuracy=0.2, dloss_mean=0.05, kl_base_pi=0.5))
     assert X.matched(traj, 0.9) is None  # never reached: no extrapolation
     assert X.value_at([(0.0, 1.0), (1.0, 3.0)], 0.25) == pytest.approx(1.5)
 

@@ -86,7 +86,7 @@ def test_rft_keeps_only_verified_samples(world):
 def test_summary_compares_methods_at_matched_accuracy():
     # two seeds, sft and ppo, hand-made trajectories: forgetting at acc 0.5 by interpolation from the base (0, 0)
     def m(acc, f, kl):
-        return dict(accuracy=acc, dloss_mean=f, kl_base=kl, distinct_valid=1.0)
+        return dict(accuracy=acc, dloss_mean=f, kl_base_pi=kl, distinct_valid=1.0)
     results = {"base": m(0.0, 0.0, 0.0), "a": m(1.0, 0.4, 2.0), "b": m(1.0, 0.6, 3.0), "c": m(0.5, 0.05, 0.5),
                "d": m(0.25, 0.02, 0.2), "e": m(0.75, 0.1, 0.7)}
     runs = {("sft", 0): [(10, "a")], ("sft", 1): [(10, "b")], ("ppo", 0): [(20, "c")],

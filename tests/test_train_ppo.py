@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels
 import train_ppo
 from nanopost.common import Diverged, UserError, load_model, masked_whiten
 
@@ -152,6 +153,27 @@ def test_kl_estimators_and_adaptive_controller():
     assert train_ppo.adaptive_kl_coef(0.1, 100.0, 1.0, 1000, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     assert train_ppo.adaptive_kl_coef(0.1, 0.0, 1.0, 1000, 100) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
     assert train_ppo.adaptive_kl_coef(0.1, 1.1, 1.0, 1000, 100) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_the_exact_kls_gradient_reaches_the_policy_through_token_kl(advantage, tiny_ckpt, ppo_main, monkeypatch,
+                                                                     tmp_path):
+    # --kl_estimator=full: the update's loss holds kernels.token_kl of the policy's logits, and its backward runs
+    calls = []
+    real = kernels.token_kl
+
+    def recording(logits, ref_logits, **kw):
+        out = real(logits, ref_logits, **kw)
+        calls.append(dict(grad=logits.requires_grad, backward=False))
+        if out.requires_grad:
+            out.register_hook(lambda g, c=calls[-1]: c.update(backward=bool(g.abs().sum() > 0)))
+        return out
+    monkeypatch.setattr(kernels, "token_kl", recording)
+    ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'o'}", "--max_iters=1", "--eval_prompts=0",
+              "--kl_estimator=full", f"--advantage={advantage}", "--group_size=2", "--kl_coef=0.5"])
+    in_loss = [c for c in calls if c["grad"]]
+    assert len(in_loss) == 2 * 2  # ppo_epochs x num_minibatches
+    assert all(c["backward"] for c in in_loss)
 
 
 # -----------------------------------------------------------------------------
