@@ -88,6 +88,23 @@ def test_task_not_in_pretraining(world):
                 parse_target(d["prompt"])
 
 
+def test_heldout_shares_nothing_with_the_new_task(world):
+    # the forgetting measure must not score the new task: no held-out document of any skill holds a task phrasing
+    # or an addition "a+b=c" (the task's answer form; the demonstrator's "N+0=N" is one)
+    addition = re.compile(r"\d+\+\d+=\d+")
+    for skill in world.skills:
+        for doc in world.heldout[skill]:
+            text = wm.doc_text(doc)
+            assert not addition.search(text), (skill, text)
+            assert not any(re.search(re.escape(p).replace(re.escape("{N}"), r"\d+"), text) for p in TASK_PHRASINGS)
+            assert wm.task_free(text)
+    # the check itself: each task phrasing and answer form is caught, a subtraction is not
+    for p in TASK_PHRASINGS:
+        assert not wm.task_free("Question: " + p.format(N=42) + " Answer:")
+    assert not wm.task_free("28+0=28") and not wm.task_free("Find two numbers whose sum is 9.\n4+5=9")
+    assert wm.task_free("What is 40-17?\n40-17=23") and wm.task_free("Zorvan lives in Kelmar.")
+
+
 def test_task_splits(world):
     assert set(world.train_targets).isdisjoint(world.eval_targets)
     assert set(world.train_targets) | set(world.eval_targets) == set(range(10, 100))
