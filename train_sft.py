@@ -120,6 +120,8 @@ class Config:
                                  "drop (counted) | truncate (keep their last block_size tokens)", choices=TOO_LONG)
     packing: bool = knob(False, "conversations: pack each micro-batch's examples into as few block_size rows as "
                                 "fit (block-diagonal attention; the same loss, less padding)")
+    init_optimizer: bool = knob(False, "also continue the AdamW state of --init_from (a train_sft.py checkpoint of "
+                                       "the same kind of model): new data, one optimizer (rft's rounds)")
     sft_kl_coef: float = knob(0.0, "weight of KL(model || initial model) per loss token; 0 = off", ge=0)
     # model (scratch only; a checkpoint brings its own shape)
     n_layer: int = knob(GPTConfig.n_layer, "transformer blocks", ge=1)
@@ -213,6 +215,12 @@ def main(argv):
     if ckpt is None and (cfg.n_embd % (2 * cfg.n_head)):
         raise UserError(f"--n_embd={cfg.n_embd} --n_head={cfg.n_head}: the head size n_embd/n_head must be even "
                         f"(rotary positions rotate pairs of channels)")
+    if cfg.init_optimizer and not resume and (ckpt or {}).get("script") != "train_sft.py":
+        raise UserError(f"--init_optimizer=true: --init_from={cfg.init_from} is not a train_sft.py checkpoint, so "
+                        f"it holds no AdamW state of this script's")
+    if cfg.init_optimizer and not resume and (ckpt.get("kind") == "reward_model") != (stage == "reward"):
+        raise UserError(f"--init_optimizer=true: --init_from={cfg.init_from} trained another kind of model "
+                        f"(a language model and a reward model have different parameters)")
     if resume and cfg.sft_kl_coef > 0 and "ref_model" not in ckpt:
         raise UserError(f"--sft_kl_coef={cfg.sft_kl_coef}: {ckpt_path} was trained without the KL anchor, so it "
                         f"holds no reference model to anchor to")
@@ -358,8 +366,9 @@ def main(argv):
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                   fused=rt.device_type == "cuda")
     step = 0
-    if resume:
+    if resume or cfg.init_optimizer:
         optimizer.load_state_dict(ckpt["optimizer"])  # the lr is set again every step, from the schedule
+    if resume:
         step = ckpt["step"]
         set_rng_state(ckpt["rng"])
     ckpt = None  # free the loaded tensors

@@ -21,9 +21,10 @@ tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). 
              pi(y | x, correct), the policy's own distribution restricted to right answers, the KL-closest correct
              policy that RL's Razor's "oracle SFT" approximates. A round's steps follow its data (epochs, not a
              fixed count): the base gets ~1% right, and 30 steps of 32 on its 13 verified samples (a pilot) were
-             ~70 passes over them, memorising rather than staying on-policy. Each round is a fresh train_sft.py run,
-             so Adam restarts every round; at SFT's 1e-3 its first sign-like steps forgot +0.12 nats in a 2-step
-             round that learned nothing (pilot), so rft steps at PPO's constant 1e-4, the same optimizer scale.
+             ~70 passes over them, memorising rather than staying on-policy. Each round is a train_sft.py run that
+             continues the previous round's AdamW state (--init_optimizer), so the rounds are one optimizer on
+             changing data, as PPO's iterations are, not a fresh Adam per round (whose first sign-like steps forgot
+             +0.12 nats at 1e-3 in a pilot round that learned nothing); rft steps at PPO's constant 1e-4.
 
 Every run keeps snapshots along training (--snapshot_steps of the scripts), and every snapshot is evaluated with
 nanopost.evaluate: one trajectory (accuracy, forgetting = mean Δ held-out loss, KL(base || pi)) per run. Methods
@@ -220,10 +221,12 @@ def run_seed(cfg, base, seed):
             print(f"stage rft seed={seed} round {r} | no verified sample: rft stops here", flush=True)
             break
         iters = max(1, math.ceil(cfg.rft_epochs * kept / cfg.rft_batch))
+        # rounds after the first continue the previous round's AdamW state: one optimizer over all rounds
         latest = run_stage(cfg, f"rft seed={seed} round {r}", "train_sft.py",
                            [f"--data={data}", f"--init_from={latest}", f"--max_iters={iters}",
                             f"--batch_size={cfg.rft_batch}", f"--learning_rate={cfg.rft_lr}", "--lr_decay=false",
-                            "--warmup_iters=0"] + common, out, inputs=[latest, data])
+                            "--warmup_iters=0", f"--init_optimizer={str(r > 0).lower()}"] + common,
+                           out, inputs=[latest, data])
         step += iters
         runs["rft"].append((step, latest))
     return runs

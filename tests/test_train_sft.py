@@ -271,6 +271,20 @@ def test_pretrain_on_your_corpus_with_your_tokenizer(sft_main, ppo_main, read_lo
     assert torch.load(tmp_path / "ppo" / "ckpt.pt", weights_only=True)["tokenizer_bpe"] == ckpt["tokenizer_bpe"]
 
 
+def test_init_optimizer_continues_the_adam_state_on_new_data(base, ppo_run, sft_main, tmp_path):
+    # rft's rounds: each a new run on new data, one AdamW state across them. The base ran 4 steps: with the flag
+    # the new run's Adam has taken 4 + 2 steps, without it 2
+    for flag, steps in (("true", 6), ("false", 2)):
+        out = tmp_path / flag
+        sft_main(["--data=sft", f"--init_from={base[0]}/ckpt.pt", f"--out_dir={out}", "--max_iters=2",
+                  f"--init_optimizer={flag}"])
+        state = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+        assert {int(s["step"]) for s in state.values()} == {steps}
+    with pytest.raises(UserError, match=r"^--init_optimizer=true: --init_from=.* is not a train_sft.py checkpoint"):
+        sft_main(["--data=sft", f"--init_from={ppo_run[0]}/ckpt.pt", f"--out_dir={tmp_path / 'p'}",
+                  "--init_optimizer=true"])
+
+
 def test_snapshot_steps_keep_the_model_along_training(base, sft_main, tmp_path):
     out = tmp_path / "snaps"
     sft_main(["--data=sft", f"--init_from={base[0]}/ckpt.pt", f"--out_dir={out}", "--max_iters=3",
