@@ -12,9 +12,12 @@ tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). 
 (out/base, as nanopost.experiment trains it), per seed:
 
     sft      train_sft.py on the narrow demonstrator (N+0=N): off-policy data, no anchor
-    ppo      train_ppo.py: GAE with a value model, KL anchor kl_coef=0.05 in the reward
+    sft_oracle  the same SFT on samples of pi* ∝ pi_base * exp(r / beta), the optimum of ppo's objective
+             (write_oracle_data): RL's Razor's "oracle SFT", off-policy data from the KL-minimal solution
+    ppo      train_ppo.py: GAE with a value model, the exact KL(pi || base) anchor at kl_coef=0.05 (its default
+             --kl_estimator=full: every KL mode optimises the same objective, tests/test_kl_objective.py)
     ppo_kl0  the same with kl_coef=0: the anchor removed, everything else equal
-    grpo     train_ppo.py --advantage=grpo: no critic, group baseline, KL anchor in the loss
+    grpo     train_ppo.py --advantage=grpo: no critic, group baseline, the same exact-KL anchor
     rft      rejection-sampling fine-tuning: rounds of "sample k answers per training prompt from the latest
              model, keep the verified ones (world.score == 1), train_sft.py on them for rft_epochs passes": on-policy
              data, no policy gradient, no anchor. Every verified sample is kept, duplicates too: SFT then fits
@@ -27,7 +30,8 @@ tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). 
              +0.12 nats at 1e-3 in a pilot round that learned nothing); rft steps at PPO's constant 1e-4.
 
 Every run keeps snapshots along training (--snapshot_steps of the scripts), and every snapshot is evaluated with
-nanopost.evaluate: one trajectory (accuracy, forgetting = mean Δ held-out loss, KL(base || pi)) per run. Methods
+nanopost.evaluate: one trajectory (accuracy, forgetting = mean Δ held-out loss, KL(base || pi) on the base's
+samples and KL(pi || base) on pi's, per response) per run. Methods
 are compared at matched accuracy by linear interpolation along each trajectory (first crossing), per seed, then
 as a mean with a 95% bootstrap interval over seeds. Writes out/thesis/report.md, results.json and curves.png.
 
@@ -55,8 +59,8 @@ from nanopost.rollout import response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import demonstrate, load_world
 
-METHODS = ["sft", "ppo", "ppo_kl0", "grpo", "rft"]
-COLORS = dict(sft="tab:red", ppo="tab:blue", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange")
+METHODS = ["sft", "sft_oracle", "ppo", "ppo_kl0", "grpo", "rft"]
+COLORS = dict(sft="tab:red", sft_oracle="tab:purple", ppo="tab:blue", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange")
 PAPER_R2 = dict(toy=0.96, llm=0.71)  # RL's Razor: forgetting against KL(base || pi), R^2
 
 
@@ -130,6 +134,41 @@ def diversity_vs_optimum(model, ref_model, tok, world, prompts, beta, device="cp
 
 
 # -----------------------------------------------------------------------------
+# training data made from a model: rft's verified samples, the oracle's samples of pi*
+
+def write_pairs(out_path, pairs, seed):
+    """[(prompt, completion)] -> a JSONL for train_sft.py --data, written atomically, shuffled so that its
+    held-out last tenth spans every target rather than the last few."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        for i in order:
+            f.write(json.dumps(dict(prompt=pairs[i][0], completion=pairs[i][1])) + "\n")
+    os.replace(tmp, out_path)
+
+
+@torch.no_grad()
+def write_oracle_data(ckpt_path, out_path, k, seed, beta, device="cpu"):
+    """RL's Razor's oracle SFT: k samples per training prompt from pi* ∝ pi_base * exp(r / beta), the optimum of
+    the objective ppo and grpo climb, computed exactly: a target's valid answers are enumerable (valid_answers),
+    answer_logprobs scores them under the base, and pi* keeps the base's odds among them. The invalid answers'
+    share of pi*, (1 - base(valid)) / Z, is left out. -> (pairs written, the largest share left out)."""
+    model, ckpt = load_model(ckpt_path, device)
+    tok = from_checkpoint(ckpt, ckpt_path)
+    world = load_world(seed=(ckpt.get("config") or {}).get("world_seed", 0))
+    rng = np.random.default_rng(seed)
+    pairs, left_out = [], 0.0
+    for prompt in world.ppo_prompts:
+        answers = valid_answers(world.parse_target(prompt))
+        logp = answer_logprobs(model, tok, prompt, answers, device)  # (A,) float64
+        left_out = max(left_out, 1.0 - optimum_masses(logp, logp, 0, beta)["opt_valid"])
+        probs = torch.softmax(logp, 0).numpy()
+        pairs += [(prompt, answers[i]) for i in rng.choice(len(answers), size=k, p=probs)]
+    write_pairs(out_path, pairs, seed)
+    return len(pairs), left_out
+
+
 # rft: on-policy data from the model's own verified samples
 
 def verified(world, prompts, responses, ended):
@@ -151,14 +190,7 @@ def write_rft_data(ckpt_path, out_path, k, seed, max_new_tokens=16, temperature=
         for i in range(0, len(flat), batch):
             ro = rollout(model, tok, flat[i:i + batch], max_new_tokens, temperature=temperature, generator=gen)
             kept += verified(world, ro.prompts, ro.responses, ro.ended.tolist())
-    # shuffled, so train_sft.py's held-out last tenth spans every target rather than the last few
-    order = np.random.default_rng(seed).permutation(len(kept))
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        for i in order:
-            f.write(json.dumps(dict(prompt=kept[i][0], completion=kept[i][1])) + "\n")
-    os.replace(tmp, out_path)
+    write_pairs(out_path, kept, seed)
     return len(kept), len(flat)
 
 
@@ -176,6 +208,8 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
     ppo_snapshot_every: int = knob(20, "keep a ppo/ppo_kl0/grpo snapshot every this many iterations", ge=1)
     kl_coef: float = knob(0.05, "the anchor of ppo and grpo (train_ppo.py's default); beta of pi*", gt=0)
     group_size: int = knob(8, "grpo: responses per prompt (64 responses per iteration = 8 prompts x 8)", ge=2)
+    oracle_k: int = knob(16, "sft_oracle: samples of pi* per training prompt (16 x 210 prompts: 3360 examples)",
+                         ge=1)
     rft_rounds: int = knob(8, "rft: rounds of sample -> filter -> SFT, each from the latest model; each round's "
                               "model is a trajectory point", ge=1)
     rft_k: int = knob(8, "rft: samples per training prompt per round", ge=1)
@@ -191,7 +225,7 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
 
 
 def run_seed(cfg, base, seed):
-    """Train the five methods of one seed (skipping finished stages) -> {method: [(step, ckpt path)]}."""
+    """Train the six methods of one seed (skipping finished stages) -> {method: [(step, ckpt path)]}."""
     d = os.path.join(cfg.out_dir, "thesis", f"s{seed}")
     common = [f"--seed={seed}", f"--device={cfg.device}"]
     runs = {}
@@ -199,6 +233,16 @@ def run_seed(cfg, base, seed):
     run_stage(cfg, f"sft seed={seed}", "train_sft.py", ["--data=sft", f"--init_from={base}",
               f"--max_iters={cfg.sft_iters}", f"--snapshot_steps={cfg.sft_snapshots}"] + common, out, inputs=[base])
     runs["sft"] = snapshots(out, cfg.sft_iters)
+    data = os.path.join(d, "sft_oracle_samples.jsonl")
+    if cfg.force or not os.path.isfile(data) or os.path.getmtime(data) < os.path.getmtime(base):
+        n, left_out = write_oracle_data(base, data, cfg.oracle_k, seed, cfg.kl_coef, resolve_device(cfg.device))
+        print(f"stage sft_oracle seed={seed} | {n} samples of pi* | invalid share left out <= {left_out:.1e}",
+              flush=True)
+    out = os.path.join(d, "sft_oracle")  # the same SFT as sft, on pi*'s samples instead of the demonstrator's
+    run_stage(cfg, f"sft_oracle seed={seed}", "train_sft.py", [f"--data={data}", f"--init_from={base}",
+              f"--max_iters={cfg.sft_iters}", f"--snapshot_steps={cfg.sft_snapshots}"] + common, out,
+              inputs=[base, data])
+    runs["sft_oracle"] = snapshots(out, cfg.sft_iters)
     every = ",".join(str(s) for s in range(cfg.ppo_snapshot_every, cfg.ppo_iters, cfg.ppo_snapshot_every))
     ppo = [f"--init_from={base}", f"--max_iters={cfg.ppo_iters}", "--max_minutes=0", f"--snapshot_steps={every}"]
     for method, extra in (("ppo", [f"--kl_coef={cfg.kl_coef}"]), ("ppo_kl0", ["--kl_coef=0"]),
@@ -246,8 +290,9 @@ def summarize(cfg, runs, results):
         traj = [(0, base_m)] + [(s, results[p]) for s, p in pts]
         final = traj[-1][1]
         row = dict(acc=final["accuracy"], forgetting=final["dloss_mean"], kl=final["kl_base_pi"],
-                   distinct_valid=final["distinct_valid"], steps=[s for s, _ in traj],
-                   curve=trajectory(traj), kl_curve=trajectory(traj, "kl_base_pi"))
+                   kl_pi=final["kl_pi_base"], distinct_valid=final["distinct_valid"], steps=[s for s, _ in traj],
+                   curve=trajectory(traj), kl_curve=trajectory(traj, "kl_base_pi"),
+                   kl_pi_curve=trajectory(traj, "kl_pi_base"))
         row.update({k: final[k] for k in final if k.startswith(("pi_", "opt_"))})
         for a in levels:
             row[f"forgetting@{a}"] = value_at(row["curve"], a)
@@ -258,7 +303,7 @@ def summarize(cfg, runs, results):
 
 def method_table(per_run, levels, seeds, n_boot):
     """Markdown rows: per method, mean [95% CI] over seeds of each final metric and of forgetting at each level."""
-    keys = ["acc", "forgetting", "kl", "distinct_valid", "pi_other_share"] + \
+    keys = ["acc", "forgetting", "kl", "kl_pi", "distinct_valid", "pi_other_share"] + \
         [f"forgetting@{a}" for a in levels] + [f"kl@{a}" for a in levels]
     head = ["method", "runs"] + keys
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -283,6 +328,8 @@ def paired_differences(per_run, levels, seeds, n_boot):
     """The three questions, as per-seed differences in forgetting at matched accuracy (positive = the first
     method forgets more), mean and 95% bootstrap interval over the seeds where both runs reach the level."""
     pairs = [("sft", "ppo", "does PPO forget less than SFT?"), ("sft", "grpo", "does GRPO forget less than SFT?"),
+             ("sft_oracle", "sft", "does SFT on the KL-minimal solution forget less than SFT?"),
+             ("sft_oracle", "ppo", "does oracle SFT forget like RL (RL's Razor)?"),
              ("sft", "ppo_kl0", "does PPO without the anchor forget less than SFT?"),
              ("ppo_kl0", "ppo", "does removing the anchor matter?"),
              ("rft", "sft", "does on-policy SFT forget less than SFT?"), ("rft", "ppo", "does rft retain like PPO?"),
@@ -332,16 +379,18 @@ def plot_curves(per_run, path):
 
 
 def kl_lines(per_run):
-    """RL's Razor's claim: does forgetting follow KL(base || pi)? Over final runs and over every trajectory point."""
+    """RL's Razor's claim: does forgetting follow the KL to the base? R² for both directions (the paper's is
+    KL(base || pi)), over final runs and over every trajectory point."""
     lines = []
     finals = list(per_run.values())
-    points = [(kl, f) for r in finals for (_, kl), (_, f) in zip(r["kl_curve"][1:], r["curve"][1:])]
-    for what, xs, ys in (("final checkpoints", [r["kl"] for r in finals], [r["forgetting"] for r in finals]),
-                         ("every trajectory point", [p[0] for p in points], [p[1] for p in points])):
-        r = pearson(xs, ys)
-        lines.append(f"- forgetting vs KL(base‖π) over {len(xs)} {what}: " + (
-            "undefined" if r is None else f"Pearson r {r:+.3f}, R² {r * r:.3f}") +
-            f" (RL's Razor: R² {PAPER_R2['toy']} toy, {PAPER_R2['llm']} LLMs)")
+    for key, curve, name in (("kl", "kl_curve", "KL(base‖π), RL's Razor's"), ("kl_pi", "kl_pi_curve", "KL(π‖base)")):
+        points = [(kl, f) for r in finals for (_, kl), (_, f) in zip(r[curve][1:], r["curve"][1:])]
+        for what, xs, ys in (("final checkpoints", [r[key] for r in finals], [r["forgetting"] for r in finals]),
+                             ("every trajectory point", [p[0] for p in points], [p[1] for p in points])):
+            r = pearson(xs, ys)
+            lines.append(f"- forgetting vs {name} over {len(xs)} {what}: " + (
+                "undefined" if r is None else f"Pearson r {r:+.3f}, R² {r * r:.3f}"))
+    lines.append(f"- RL's Razor, forgetting vs KL(base‖π): R² {PAPER_R2['toy']} toy, {PAPER_R2['llm']} LLMs")
     return lines
 
 
@@ -404,7 +453,8 @@ def main(argv):
     lines = ["# nanopost thesis study: the KL anchor or on-policy data?", "",
              f"Seeds {seeds}; mean [95% bootstrap interval] over seeds ({cfg.n_boot} resamples). acc: verifier "
              f"accuracy, {cfg.k} samples on {cfg.n_prompts} held-out prompts; forgetting: mean Δ held-out "
-             "pretraining loss vs the base (nats/token); kl: KL(base‖π) per response token; pi_other_share: share of "
+             "pretraining loss vs the base (nats/token); kl: KL(base‖π) on the base's samples, kl_pi: KL(π‖base) on "
+             "π's samples (nats per response, sequence-level); pi_other_share: share of "
              "π's valid-answer mass off the demonstrator's N+0=N (exact, from scoring all N+1 valid answers); "
              "forgetting@a, kl@a: interpolated where the run's trajectory first reaches accuracy a (n = runs that "
              "reach it).", "",
@@ -414,7 +464,7 @@ def main(argv):
              f"{b['opt_other_share']:.3f}.", "",
              "## matched accuracy, per-seed differences in forgetting", "",
              *paired_differences(per_run, levels, seeds, cfg.n_boot), "",
-             "## forgetting against KL(base‖π)", "", *kl_lines(per_run), "",
+             "## forgetting against the KL to the base", "", *kl_lines(per_run), "",
              "![forgetting vs accuracy along training](curves.png)", "",
              "## time", "", f"- total {wall / 60:.1f} min wall, {cpu / 60:.1f} min training CPU (a skipped stage "
              "counts 0); " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()), "",

@@ -75,6 +75,26 @@ def test_diversity_vs_optimum_of_the_reference_itself(tiny_gpt, tok, world):
     assert d["opt_valid"] > d["pi_valid"]  # exp(r / beta) moves mass onto the valid answers
 
 
+def test_oracle_data_samples_pi_star(tiny_gpt, save_tiny_ckpt, tok, world, tmp_path, reference_kernels):
+    # every sample is a valid answer to its prompt, k per training prompt, drawn with pi*'s probabilities: the
+    # mean log-prob of the samples matches its expectation under pi* within 4 standard errors
+    ckpt = save_tiny_ckpt(tmp_path / "m.pt", tiny_gpt(seed=1, n_embd=32))
+    n, left_out = T.write_oracle_data(ckpt, str(tmp_path / "o.jsonl"), k=8, seed=0, beta=0.05)
+    rows = [json.loads(line) for line in open(tmp_path / "o.jsonl")]
+    assert n == len(rows) == 8 * len(world.ppo_prompts) and 0 <= left_out < 1
+    assert all(r["completion"] in T.valid_answers(world.parse_target(r["prompt"])) for r in rows)
+    model = tiny_gpt(seed=1, n_embd=32)
+    got, want, var = [], 0.0, 0.0
+    for prompt in world.ppo_prompts[::20]:
+        answers = T.valid_answers(world.parse_target(prompt))
+        logp = torch.log_softmax(T.answer_logprobs(model, tok, prompt, answers), 0)
+        got += [float(logp[answers.index(r["completion"])]) for r in rows if r["prompt"] == prompt]
+        mean = float((logp.exp() * logp).sum())
+        want += 8 * mean
+        var += 8 * float((logp.exp() * (logp - mean) ** 2).sum())
+    assert abs(sum(got) - want) < 4 * math.sqrt(var)
+
+
 def test_rft_keeps_only_verified_samples(world):
     p = task_prompt(7)
     prompts = [p] * 6
@@ -86,7 +106,7 @@ def test_rft_keeps_only_verified_samples(world):
 def test_summary_compares_methods_at_matched_accuracy():
     # two seeds, sft and ppo, hand-made trajectories: forgetting at acc 0.5 by interpolation from the base (0, 0)
     def m(acc, f, kl):
-        return dict(accuracy=acc, dloss_mean=f, kl_base_pi=kl, distinct_valid=1.0)
+        return dict(accuracy=acc, dloss_mean=f, kl_base_pi=kl, kl_pi_base=kl / 2, distinct_valid=1.0)
     results = {"base": m(0.0, 0.0, 0.0), "a": m(1.0, 0.4, 2.0), "b": m(1.0, 0.6, 3.0), "c": m(0.5, 0.05, 0.5),
                "d": m(0.25, 0.02, 0.2), "e": m(0.75, 0.1, 0.7)}
     runs = {("sft", 0): [(10, "a")], ("sft", 1): [(10, "b")], ("ppo", 0): [(20, "c")],
@@ -127,8 +147,14 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
             f.write((json.dumps(dict(prompt="p", completion="c")) + "\n") * kept)
         return kept, k
 
+    def fake_oracle_data(ckpt, out_path, k, seed, beta, device="cpu"):
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        open(out_path, "w").write(json.dumps(dict(prompt="p", completion="c")) + "\n")
+        return k, 1e-9
+
     monkeypatch.setattr(T, "run_stage", fake_stage)
     monkeypatch.setattr(T, "write_rft_data", fake_rft_data)
+    monkeypatch.setattr(T, "write_oracle_data", fake_oracle_data)
     cfg = T.Config(out_dir=str(tmp_path), sft_iters=20, sft_snapshots="5,10", ppo_iters=60, ppo_snapshot_every=20,
                    rft_rounds=2, rft_epochs=2, rft_batch=16, device="cpu")
     runs = T.run_seed(cfg, "base.pt", 3)
@@ -150,6 +176,14 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
     assert "--max_iters=2" in calls["rft seed=3 round 0"][1] and "--max_iters=5" in calls["rft seed=3 round 1"][1]
     assert "--batch_size=16" in calls["rft seed=3 round 1"][1]
     assert runs["rft"] == [(2, os.path.join(r0, "ckpt.pt")), (7, os.path.join(r1, "ckpt.pt"))]
+    # one AdamW across rft's rounds: the first starts fresh, the next continue it
+    assert "--init_optimizer=false" in calls["rft seed=3 round 0"][1]
+    assert "--init_optimizer=true" in calls["rft seed=3 round 1"][1]
+    # sft_oracle: sft's run on pi*'s samples
+    script, args, inputs = calls["sft_oracle seed=3"]
+    oracle_data = os.path.join(d, "sft_oracle_samples.jsonl")
+    assert script == "train_sft.py" and f"--data={oracle_data}" in args and inputs == ["base.pt", oracle_data]
+    assert set(calls["sft seed=3"][1]) - set(args) == {"--data=sft"} and [s for s, _ in runs["sft_oracle"]] == [5, 10, 20]
 
 
 @pytest.mark.parametrize("arg", ["--group_size=1", "--rft_rounds=0", "--n_boot=10", "--k=0", "--match_acc=x"])
