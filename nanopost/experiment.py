@@ -277,14 +277,14 @@ def plot_pareto(per_method, path, trajectories=()):
         pts = [r for m, r in points if m == method]
         if not pts:
             continue
-        sc = ax.scatter([r["accuracy"] for r in pts], [r["dloss_mean"] for r in pts], c=[r["kl_base_pi"] for r in pts],
-                        cmap="viridis", vmin=min(kls), vmax=max(max(kls), min(kls) + 1e-9), zorder=2,
+        sc = ax.scatter([r["accuracy"] for r in pts], [r["dloss_mean"] for r in pts],
+                        c=[r["kl_base_pi"] for r in pts], cmap="viridis", vmin=min(kls), vmax=max(max(kls), min(kls) + 1e-9), zorder=2,
                         marker=markers.get(method, "o"), s=70, edgecolors="black", label=method)
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_xlabel("new-task accuracy (held-out prompts)")
     ax.set_ylabel("forgetting: mean Δ held-out loss vs base (nats/token)")
     ax.set_title("forgetting vs new-task accuracy (colour = KL(base || π))")
-    fig.colorbar(sc, ax=ax, label="KL(π_base || π) per response token")
+    fig.colorbar(sc, ax=ax, label="KL(π_base || π) per response, on the base's samples")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -316,7 +316,8 @@ def write_report(out_dir, per_method, per_run=None, config=None, notes=(), traje
         "per held-out prompt (valid and ended); pass@k = prompts with at least one correct sample; distinct_valid = "
         "distinct correct answers per prompt among its k samples; dist-1/2 = distinct response-token n-grams among "
         "the k samples of a prompt, mean over prompts; entropy = policy entropy per response token (nats); "
-        "KL(base||pi) = forward KL(pi_base || pi) per response token on the policy's own samples; dloss = change "
+        "KL(base||pi) = KL(pi_base || pi) on the base's samples, KL(pi||base) = KL(pi || pi_base) on the policy's, "
+        "both of whole responses (nats per response, the sum of exact per-token KLs); dloss = change "
         "in held-out pretraining loss vs the base (nats/token; positive = forgot); dprobe = change in greedy "
         "accuracy on the skill's probes vs the base (negative = forgot).",
         "",

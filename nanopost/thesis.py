@@ -1,7 +1,8 @@
 """
 The thesis study: does PPO forget less than SFT at matched accuracy, and is it the KL anchor or the on-policy data?
 
-    python -m nanopost.thesis --seeds=0,1,2,3,4   # the full study: ~1 h 25 min on 2 idle cores (THESIS.md)
+    python -m nanopost.thesis --seeds=0,1,2,3,4   # the full study (THESIS.md): 1 h 25 min on 2 idle cores before
+                                                  # sft_oracle and the base-sampled KL were added (not timed since)
     OMP_NUM_THREADS=1 python -m nanopost.thesis ...  # on a shared machine (2 threads on busy cores spun 40x slower)
     python -m nanopost.thesis --seeds=0 --ppo_iters=80 --ppo_snapshot_every=10 --rft_rounds=10 --rft_k=4 \
         --rft_epochs=4 --k=4 --n_prompts=16 --max_docs=32 --match_acc=0.1,0.3,0.5 --readme_plot=false  # a pilot
