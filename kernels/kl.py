@@ -31,8 +31,9 @@ until the backward.
 import torch
 import torch.nn.functional as F
 
-from kernels import _dispatch
-from kernels._dispatch import launch_config, tl, triton
+from kernels import _dispatch, _rows
+from kernels._dispatch import tl, triton
+from kernels._rows import launch_config
 
 
 # -----------------------------------------------------------------------------
@@ -70,15 +71,17 @@ def _validate(logits, ref_logits, temperature):
 # Triton kernels: one program per row
 
 @triton.jit
-def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b, n_inner, kl_ptr, mean_ptr,
+def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_shift_a, y_shift_b, n_inner, kl_ptr, mean_ptr,
                    max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr, n_cols, inv_temp, BLOCK: tl.constexpr):
-    # row r of the (A, B, V) views is (r // n_inner, r % n_inner) (see _dispatch.as_rows); x and y share the shape,
-    # not the strides. int64: row * stride exceeds 2**31 once N * V does (e.g. 14200 rows of V=151936), and an
-    # int32 product would silently wrap to a negative offset and read another row.
+    # int64: row * stride exceeds 2**31 once N * V does (e.g. 14200 rows of V=151936), and an int32 product would
+    # silently wrap to a negative offset and read another row
     row = tl.program_id(0).to(tl.int64)
-    x_ptr += (row // n_inner) * x_stride_a + (row % n_inner) * x_stride_b
-    y_ptr += (row // n_inner) * y_stride_a + (row % n_inner) * y_stride_b
-    cols = tl.arange(0, BLOCK)
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    # x's row is x_ptr[head : end], walked in chunks whose inner ones start on 16-byte boundaries (kernels/_rows.py);
+    # y's row, addressed through its shifts, is y_ptr[head : end]
+    x_ptr += first
+    y_ptr += first + _rows.offset(row, n_inner, y_shift_a, y_shift_b)
+    end = head + n_cols
 
     # The raw logits are shifted by their running max BEFORE the 1/T scaling: x/T rounded first would cost
     # ulp(|x|/T) per logit (~1e-3 at |x| ~ 1e4), where x - max(x) is exact for the logits that matter.
@@ -87,10 +90,9 @@ def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b,
     s_x = tl.zeros([], tl.float32)                 # sum exp((x - m_x)/T)
     s_y = tl.zeros([], tl.float32)
     acc = tl.zeros([], tl.float32)                 # sum exp((x - m_x)/T) * (x - y)/T
-    for off in range(0, n_cols, BLOCK):
-        mask = off + cols < n_cols
-        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        y = tl.load(y_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    for off in range(0, end, BLOCK):
+        x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)  # -inf outside the row
+        y = _rows.load_chunk(y_ptr, off, head, end, BLOCK)
         m_x_new = tl.maximum(m_x, tl.max(x, axis=0))
         m_y_new = tl.maximum(m_y, tl.max(y, axis=0))
         # While every entry seen so far is -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
@@ -100,7 +102,7 @@ def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b,
         alpha_y = tl.exp((m_y - sh_y) * inv_temp)
         e_x = tl.exp((x - sh_x) * inv_temp)
         e_y = tl.exp((y - sh_y) * inv_temp)
-        # p_i = 0 (x = -inf, incl. the masked tail) adds 0, not 0 * inf = NaN. q_i = 0 under p_i > 0 adds
+        # p_i = 0 (x = -inf, incl. outside the row) adds 0, not 0 * inf = NaN. q_i = 0 under p_i > 0 adds
         # +inf explicitly, because e_x may have underflowed to 0 even though p_i > 0 mathematically.
         term = tl.where(x == float("-inf"), 0.0,
                         tl.where(y == float("-inf"), float("inf"), e_x * ((x - y) * inv_temp)))
@@ -135,33 +137,35 @@ def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b,
 # Both need p and q, so both logits are read once; each requested gradient is written once, in the
 # input dtype, scaled by the upstream gradient g of that row.
 @triton.jit
-def _kl_bwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b, n_inner, dx_ptr, dx_stride,
-                   dy_ptr, dy_stride, dkl_ptr, dkl_stride, mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr,
-                   n_cols, inv_temp, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, BLOCK: tl.constexpr):
+def _kl_bwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_shift_a, y_shift_b, n_inner, dx_ptr, dx_shift_a,
+                   dx_shift_b, dy_ptr, dy_shift_a, dy_shift_b, dkl_ptr, dkl_stride, mean_ptr, max_x_ptr, logs_x_ptr,
+                   max_y_ptr, logs_y_ptr, n_cols, inv_temp, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr,
+                   BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
-    x_ptr += (row // n_inner) * x_stride_a + (row % n_inner) * x_stride_b
-    y_ptr += (row // n_inner) * y_stride_a + (row % n_inner) * y_stride_b
-    dx_ptr += row * dx_stride
-    dy_ptr += row * dy_stride
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    # from here on each row is ptr[head : end], as in the forward
+    x_ptr += first
+    y_ptr += first + _rows.offset(row, n_inner, y_shift_a, y_shift_b)
+    dx_ptr += first + _rows.offset(row, n_inner, dx_shift_a, dx_shift_b)
+    dy_ptr += first + _rows.offset(row, n_inner, dy_shift_a, dy_shift_b)
+    end = head + n_cols
     g = tl.load(dkl_ptr + row * dkl_stride) * inv_temp
     mean = tl.load(mean_ptr + row)
     m_x = tl.load(max_x_ptr + row)
     log_s_x = tl.load(logs_x_ptr + row)
     m_y = tl.load(max_y_ptr + row)
     log_s_y = tl.load(logs_y_ptr + row)
-    cols = tl.arange(0, BLOCK)
-    for off in range(0, n_cols, BLOCK):
-        mask = off + cols < n_cols
-        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)  # raw, as in the forward
-        y = tl.load(y_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    for off in range(0, end, BLOCK):
+        x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)  # raw, as in the forward
+        y = _rows.load_chunk(y_ptr, off, head, end, BLOCK)
         p = tl.exp((x - m_x) * inv_temp - log_s_x)
         if NEED_DX:
             # p_i = 0 has zero gradient; unmasked it would be 0 * (-inf - ...) = NaN
             dx = tl.where(x == float("-inf"), 0.0, p * ((x - y) * inv_temp - mean)) * g
-            tl.store(dx_ptr + off + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            _rows.store_chunk(dx_ptr, off, head, end, dx, BLOCK)
         if NEED_DY:
             dy = (tl.exp((y - m_y) * inv_temp - log_s_y) - p) * g
-            tl.store(dy_ptr + off + cols, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+            _rows.store_chunk(dy_ptr, off, head, end, dy, BLOCK)
 
 
 # -----------------------------------------------------------------------------
@@ -178,7 +182,7 @@ def _kl_forward(x3, y3, temperature, block):
     stats = [_dispatch.empty(N, dtype=torch.float32, device=x3.device) for _ in range(5)]
     if N > 0:
         BLOCK, num_warps = launch_config(V, block)
-        _kl_fwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), B, kl, *stats, V,
+        _kl_fwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), y3, *_rows.shifts(y3, x3), B, kl, *stats, V,
                              1.0 / temperature, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_kl_fwd"] += 1
     return kl, stats
@@ -186,18 +190,18 @@ def _kl_forward(x3, y3, temperature, block):
 
 def _kl_backward(x3, y3, dkl, stats, temperature, block, need_dx, need_dy):
     """dkl (N,) (any stride, e.g. 0 when expanded from a sum) -> dx, dy (A, B, V) in the inputs' dtype, each
-    None unless needed."""
+    None unless needed; both laid out in step with x3, so that they share its rows' 16-byte phase."""
     A, B, V = x3.shape
     N = A * B
     assert dkl.shape == (N,), f"dkl shape {tuple(dkl.shape)} != ({N},)"
-    # contiguous: row r at r * V
-    dx = _dispatch.empty(A, B, V, dtype=x3.dtype, device=x3.device) if need_dx else None
-    dy = _dispatch.empty(A, B, V, dtype=y3.dtype, device=y3.device) if need_dy else None
+    # laid out in step with x3 (contiguous when it is, see _rows.grad_rows); a gradient nobody needs is compiled
+    # out (constexpr), and the other buffer stands in for its pointer
+    dx, *dx_shifts = _rows.grad_rows(x3, x3.dtype) if need_dx else (None, 0, 0)
+    dy, *dy_shifts = _rows.grad_rows(x3, y3.dtype) if need_dy else (None, 0, 0)
     if N > 0:
         BLOCK, num_warps = launch_config(V, block)
-        # a gradient nobody needs is compiled out (constexpr); the other buffer stands in for its pointer
-        _kl_bwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), B,
-                             dx if need_dx else dy, V, dy if need_dy else dx, V, dkl, dkl.stride(0), *stats, V,
+        _kl_bwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), y3, *_rows.shifts(y3, x3), B, dx if need_dx else dy,
+                             *dx_shifts, dy if need_dy else dx, *dy_shifts, dkl, dkl.stride(0), *stats, V,
                              1.0 / temperature, NEED_DX=need_dx, NEED_DY=need_dy, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_kl_bwd"] += 1
     return dx, dy
@@ -233,6 +237,6 @@ def token_kl(logits, ref_logits, *, temperature=1.0, _block=None):
     if not _dispatch.use_kernel(logits):
         return token_kl_ref(logits, ref_logits, temperature=temperature)
     _validate(logits, ref_logits, temperature)
-    x3, y3 = _dispatch.as_rows(logits), _dispatch.as_rows(ref_logits)  # (A, B, V) each, usually views
+    x3, y3 = _rows.as_rows(logits), _rows.as_rows(ref_logits)  # (A, B, V) each, usually views
     kl = _TokenKL.apply(x3, y3, float(temperature), _block)  # (N,)
     return kl.view(logits.shape[:-1])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import _dispatch
+from kernels import _dispatch, _rows
 
 assert _dispatch.INTERPRET, "tests/conftest.py must set TRITON_INTERPRET=1 before anything imports triton"
 
@@ -300,7 +300,7 @@ def test_strided_views_without_copy(make):
     # row stride != V, and logits[:, :-1] (whose (B, T-1) rows cannot share one stride): both are views
     V = 1000
     x = make(torch.randn(3, 4, V + 5))
-    x3 = _dispatch.as_rows(x)
+    x3 = _rows.as_rows(x)
     assert x3.data_ptr() == x.data_ptr() and x3.stride() == x.stride()
     t = torch.randint(0, V, x.shape[:-1])
     check_ce(x, t, reduction="none", label_smoothing=0.1)
@@ -332,12 +332,26 @@ def test_offsets_past_2_31():
     assert proc.returncode == 0 and "ok" in proc.stdout, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
 
 
+def test_gradient_rows_in_step_with_the_logits():
+    # a gradient row must start at its logits row's 16-element phase for both to move in 16-byte vectors
+    # (kernels/_rows.py): contiguous logits get a contiguous gradient, a slice a padded one whose shifts are
+    # multiples of 16, at most 15 elements per row apart
+    for x in [torch.empty(4, 1001), torch.empty(2, 9, 1001)[:, 3:-1], torch.empty(3, 4, 1010)[1:, :, 2:-7]]:
+        x3 = _rows.as_rows(x)
+        dx, shift_a, shift_b = _rows.grad_rows(x3, torch.bfloat16)
+        assert dx.shape == x3.shape and dx.dtype == torch.bfloat16 and shift_a % 16 == 0 and shift_b % 16 == 0
+        assert dx.stride(0) - x3.stride(0) == shift_a and dx.stride(1) - x3.stride(1) == shift_b
+        A, B, V = x3.shape
+        assert 0 <= dx.stride(1) - V < 16 and 0 <= dx.stride(0) - B * dx.stride(1) < 16
+        assert dx.is_contiguous() == x3.is_contiguous()
+
+
 def test_layouts_that_copy():
     V = 300
     t = torch.randint(0, V, (3, 2, 2))
     # three leading dims whose outer two cannot merge, and a last stride != 1: as_rows copies, values still right
     x = torch.randn(2, 3, 2, V).transpose(0, 1)
-    assert _dispatch.as_rows(x).data_ptr() != x.data_ptr()
+    assert _rows.as_rows(x).data_ptr() != x.data_ptr()
     check_ce(x, t, reduction="none", z_loss=1e-3)
     check_logprobs(x, t)
     x = torch.randn(V, 3, 2, 2).permute(1, 2, 3, 0)

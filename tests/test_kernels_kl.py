@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import _dispatch, bench
+from kernels import _dispatch, _rows, bench
 from kernels._dispatch import launches
 from kernels.kl import token_kl, token_kl_ref
 
@@ -82,6 +82,7 @@ def check(x, y, *, temperature=1.0, grad_x=True, grad_y=True, block=None, seed=1
     ((5, 3), 0.7, None),            # odd V, one chunk
     ((2, 3, 2, 37), 1.3, 16),       # three leading dims, several chunks with a ragged tail
     ((4, 1000), 2.0, 128),          # 8 chunks, online rescaling across chunks
+    ((3, 37), 1.0, 4),              # chunks narrower than 16 bytes of bf16/fp16: a row's head spans two of them
     ((1, 50257), 1.0, None),        # N = 1, GPT-2 vocab
     ((2, 70000), 0.9, None),        # V > 65536 and not a power of two
 ])
@@ -166,8 +167,8 @@ def test_non_contiguous_rows_without_copy():
     y = big_y[:10, :301].unflatten(0, (2, 5))  # (2, 5, 301), row stride 310
     assert not x.is_contiguous() and not y.is_contiguous()
     # the launcher's (A, B, V) view must alias the caller's memory: no hidden (N, V) copy
-    assert _dispatch.as_rows(x).data_ptr() == x.data_ptr()
-    assert _dispatch.as_rows(y).data_ptr() == y.data_ptr()
+    assert _rows.as_rows(x).data_ptr() == x.data_ptr()
+    assert _rows.as_rows(y).data_ptr() == y.data_ptr()
     check(x, y, temperature=1.1, block=64)
     # last-dim stride != 1 still works (through one copy)
     check(big_y[:8, :12].t(), big_y[:8, 40:52].t(), block=8)  # (12, 8), last stride 310

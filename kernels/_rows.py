@@ -1,0 +1,134 @@
+"""
+How every kernel lays out and walks its rows: logits as an (A, B, V) view, the chunk size, chunks that start on
+16-byte boundaries, and gradients allocated in step with the logits they belong to.
+
+Why 16-byte boundaries: a memory-bound kernel needs wide loads. The GPU reads at most 16 bytes per thread per
+instruction (`ld.global.v4.b32`: 8 bf16 or 4 fp32), and Triton emits that only where it can prove the address
+16-byte aligned and the mask constant across the 16 bytes. What it knows comes from the JIT's specialisation:
+a pointer argument whose address is a multiple of 16, an integer argument that is a multiple of 16 (see
+kernels/aot.py). Walking a row from its first column with the mask `col < V` proves nothing at GPT-2's
+V = 50257: row r of bf16 logits starts at byte 2 * 50257 * r, and every logit was read 2 bytes at a time
+(kernels/BENCHMARK.md has the compiler's before/after rows).
+
+So a row is walked in BLOCK-wide chunks laid on a grid anchored at its first 16-byte boundary:
+
+      lo          aligned                                                     hi
+      |<- < VEC ->|<--- BLOCK --->|<--- BLOCK --->|  ...  |<-- BLOCK, part -->|
+         masked       unmasked        unmasked                  masked
+
+Only the two ragged ends are masked (as flash-attention's EVEN_K masks only the last, partial block); every chunk
+between them is loaded without a mask from an address the compiler itself can prove aligned: the row start
+rounded up to a multiple of VEC = 16 / element size is a product with VEC, and the JIT marked the pointer. Nothing
+is promised with tl.multiple_of, so a wrong assumption costs speed (scalar loads), never a misaligned access.
+
+The other tensors a kernel touches at the same columns (the reference logits y, the gradients) must sit at the
+same 16-byte phase for their loads and stores to be wide too: each is addressed as x's row offset plus a "shift",
+a * shift_a + b * shift_b, with its strides minus x's as the shifts. When the shifts are multiples of 16 (0 when
+the layouts match) the JIT says so and the compiler proves the phase; gradients are allocated so that they are.
+"""
+
+import torch
+
+from kernels import _dispatch
+from kernels._dispatch import tl, triton
+
+
+def as_rows(x: torch.Tensor):
+    """(..., V) -> (A, B, V) view with last stride 1; row r = (r // B, r % B) sits at
+    (r // B) * stride(0) + (r % B) * stride(1), so kernels take two row strides.
+
+    Two strides instead of one cover the common training layouts without a copy: contiguous logits, a column
+    slice (row stride != V), and logits[:, :-1] (the last position predicts nothing), whose (B, T-1) rows cannot
+    collapse to a single stride. Only more than two leading dims that cannot merge (rare), or a last stride
+    != 1, cost a copy.
+    """
+    V = x.shape[-1]
+    if V > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 1:
+        return x.view(1, 1, V)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x.flatten(0, -3)  # a view when the outer leading dims merge, else a copy
+
+
+def launch_config(n_cols, block=None):
+    """(BLOCK, num_warps) for a one-program-per-row kernel that loops over a row of n_cols in BLOCK chunks.
+    `block` forces the chunk size (tests use it to exercise the multi-chunk loop on small rows)."""
+    # BLOCK: the whole row when it fits, else 4096-column chunks. 4096 fp32 over 8 warps is 16 values per thread:
+    # enough loads in flight to saturate HBM without spilling registers; a bigger chunk only adds register
+    # pressure, a smaller one adds loop trips. The loop makes any V (1, odd, > 65536) work with one kernel.
+    BLOCK = block or min(triton.next_power_of_2(n_cols), 4096)
+    assert BLOCK & (BLOCK - 1) == 0, f"BLOCK must be a power of two, got {BLOCK}"
+    # one warp per 512 columns (16 per thread), between 1 and 8: more warps than that would idle on short rows
+    num_warps = max(1, min(8, BLOCK // 512))
+    return BLOCK, num_warps
+
+
+def shifts(t3, x3):
+    """(shift_a, shift_b) that address t3's rows from x3's row offsets: t3's strides minus x3's."""
+    return t3.stride(0) - x3.stride(0), t3.stride(1) - x3.stride(1)
+
+
+def grad_rows(x3, dtype):
+    """An (A, B, V) gradient buffer for x3 whose rows sit at their x3 row's 16-element phase, and its shifts.
+
+    Contiguous x3 gets a contiguous buffer (shifts 0). Otherwise (a slice such as logits[:, P-1:-1]) each stride is
+    the smallest >= the contiguous one that is congruent to x3's modulo 16, so the shifts are multiples of 16 and
+    the gradient stores are as wide as the logit loads; the cost is at most 15 unused elements per row.
+    """
+    A, B, V = x3.shape
+    stride_b = V + (x3.stride(1) - V) % 16
+    stride_a = B * stride_b + (x3.stride(0) - B * stride_b) % 16
+    dx = _dispatch.empty(A * stride_a, dtype=dtype, device=x3.device).as_strided((A, B, V), (stride_a, stride_b, 1))
+    return dx, stride_a - x3.stride(0), stride_b - x3.stride(1)
+
+
+# -----------------------------------------------------------------------------
+# in-kernel helpers (inlined by Triton into each kernel)
+
+@triton.jit
+def offset(row, n_inner, stride_a, stride_b):
+    """Element offset of row `row` of an (A, n_inner, V) view: (row // n_inner, row % n_inner) . strides."""
+    return (row // n_inner) * stride_a + (row % n_inner) * stride_b
+
+
+@triton.jit
+def chunk_grid(lo, x_ptr, BLOCK: tl.constexpr):
+    """(first, head) for a row that begins at x_ptr[lo]: the row's chunks are x_ptr[first + k * BLOCK + (0..BLOCK-1)],
+    a grid anchored at the row's first 16-byte boundary and reaching back over the < VEC columns before it, and the
+    row begins `head` columns into the grid (int32; < BLOCK unless BLOCK < VEC)."""
+    VEC = 128 // x_ptr.dtype.element_ty.primitive_bitwidth  # elements per 16 bytes
+    aligned = (lo + VEC - 1) // VEC * VEC
+    first = aligned - tl.cdiv(aligned - lo, BLOCK) * BLOCK
+    return first, (lo - first).to(tl.int32)
+
+
+@triton.jit
+def in_row(off, head, end, BLOCK: tl.constexpr):
+    """Which columns of the chunk at grid offset `off` lie in the row [head, end): a (BLOCK,) mask."""
+    cols = tl.arange(0, BLOCK)
+    return (cols >= head - off) & (cols < end - off)
+
+
+@triton.jit
+def load_chunk(ptr, off, head, end, BLOCK: tl.constexpr):
+    """ptr[off : off + BLOCK] as fp32, -inf outside the row [head, end). Unmasked unless the chunk holds a row end.
+    -inf, not 0, pads: a 0 would add exp(0 - m) per phantom column to a softmax sum (verl PR #5349)."""
+    ptr += off
+    if (off < head) | (off + BLOCK > end):
+        x = tl.load(ptr + tl.arange(0, BLOCK), mask=in_row(off, head, end, BLOCK), other=float("-inf"))
+    else:
+        x = tl.load(ptr + tl.arange(0, BLOCK))
+    return x.to(tl.float32)
+
+
+@triton.jit
+def store_chunk(ptr, off, head, end, value, BLOCK: tl.constexpr):
+    """ptr[off : off + BLOCK] = value inside the row [head, end), in ptr's dtype. Unmasked unless at a row end."""
+    ptr += off
+    value = value.to(ptr.dtype.element_ty)
+    if (off < head) | (off + BLOCK > end):
+        tl.store(ptr + tl.arange(0, BLOCK), value, mask=in_row(off, head, end, BLOCK))
+    else:
+        tl.store(ptr + tl.arange(0, BLOCK), value)
