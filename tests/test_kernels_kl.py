@@ -112,6 +112,22 @@ def test_large_magnitude():
     check(base, base + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7)), block=128)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_kl_of_one_under_offsets(temperature):
+    # KL ~ 1 at V = 32000 under offsets softmax ignores (+12 on the policy, -6 on the reference). Formed as
+    # sum p (x - y)/T - (m_x - m_y)/T - (log s_x - log s_y), terms of ~18 and ~10 cancel: the fp32 kernel was off
+    # float64 by 5.4e-6 (T = 1) and 3.2e-6 (T = 0.8) on these rows, where torch's log_softmax route in fp32 is off
+    # by 8.4e-7 and 1.3e-6. Relative to the running maxima, with one log of s_x / s_y: 2.9e-7 and 4.0e-7.
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(8, 32000, generator=g) + 12.0
+    y = torch.randn(8, 32000, generator=g) - 6.0
+    kl = token_kl(x, y, temperature=temperature)
+    expect = ref64(x, y, temperature)
+    assert 0.5 < expect.mean() < 2.0
+    torch.testing.assert_close(kl.double(), expect, atol=1e-6, rtol=0)
+    check(x[:2], y[:2], temperature=temperature)  # and the gradients, at the usual tolerance
+
+
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
 def test_large_magnitude_at_a_temperature(temperature):
     # x / T rounded before the max is subtracted costs ulp(1e4 / T) ~ 1e-3 per logit, a KL error far above the
