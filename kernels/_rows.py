@@ -21,10 +21,16 @@ between them is loaded without a mask from an address the compiler itself can pr
 rounded up to a multiple of VEC = 16 / element size is a product with VEC, and the JIT marked the pointer. Nothing
 is promised with tl.multiple_of, so a wrong assumption costs speed (scalar loads), never a misaligned access.
 
-The other tensors a kernel touches at the same columns (the reference logits y, the gradients) must sit at the
-same 16-byte phase for their loads and stores to be wide too: each is addressed as x's row offset plus a "shift",
-a * shift_a + b * shift_b, with its strides minus x's as the shifts. When the shifts are multiples of 16 (0 when
-the layouts match) the JIT says so and the compiler proves the phase; gradients are allocated so that they are.
+Two things make the proof hold beyond contiguous logits:
+- The pointer. The JIT only knows about the pointer it is handed, and a slice such as PPO's logits[:, P-1:-1]
+  starts (P - 1) * V elements into its buffer, off a 16-byte boundary for most V. So a kernel is handed the
+  slice's address rounded down to 16 bytes (when its storage reaches back that far) and the element offset
+  `start` of the slice from there (addressing()).
+- The other tensors a kernel touches at the same columns (the reference logits y, the gradients) must sit at the
+  same 16-byte phase for their loads and stores to be wide too. Each is addressed as x's row offset plus a
+  "shift", shift_0 + a * shift_a + b * shift_b: its start and strides minus x's (addressing_like()). When the
+  shifts are multiples of 16 (0 when the layouts match) the JIT says so and the compiler proves the phase;
+  gradients are allocated so that they are (grad_rows()).
 """
 
 import torch
@@ -65,32 +71,55 @@ def launch_config(n_cols, block=None):
     return BLOCK, num_warps
 
 
-def shifts(t3, x3):
-    """(shift_a, shift_b) that address t3's rows from x3's row offsets: t3's strides minus x3's."""
-    return t3.stride(0) - x3.stride(0), t3.stride(1) - x3.stride(1)
+def _aligned(t3):
+    """(view, start): a view whose data_ptr() is t3's rounded down to 16 bytes, t3's first element `start` elements
+    after it; (t3, 0) when t3 is aligned already or its storage begins after that boundary."""
+    address, size = t3.data_ptr(), t3.element_size()
+    start = address % 16 // size
+    if start == 0 or address % size or start > t3.storage_offset():
+        return t3, 0
+    return t3.as_strided((1,), (1,), t3.storage_offset() - start), start
+
+
+def addressing(x3):
+    """The kernel arguments (x_ptr, x_start, x_stride_a, x_stride_b) of an (A, B, V) view: row r of x3 is
+    x_ptr[x_start + (r // B) * x_stride_a + (r % B) * x_stride_b :][:V], with x_ptr 16-byte aligned when x3's
+    storage allows (see the docstring)."""
+    view, start = _aligned(x3)
+    return view, start, x3.stride(0), x3.stride(1)
+
+
+def addressing_like(t3, x3):
+    """The kernel arguments (t_ptr, t_shift_0, t_shift_a, t_shift_b) that address the rows of t3, shaped like x3,
+    from x3's row offsets: t3's start and strides minus x3's (see the docstring)."""
+    view, start = _aligned(t3)
+    return view, start - _aligned(x3)[1], t3.stride(0) - x3.stride(0), t3.stride(1) - x3.stride(1)
 
 
 def grad_rows(x3, dtype):
-    """An (A, B, V) gradient buffer for x3 whose rows sit at their x3 row's 16-element phase, and its shifts.
+    """An uninitialized (A, B, V) gradient for x3 whose rows sit at their x3 row's 16-byte phase.
 
-    Contiguous x3 gets a contiguous buffer (shifts 0). Otherwise (a slice such as logits[:, P-1:-1]) each stride is
-    the smallest >= the contiguous one that is congruent to x3's modulo 16, so the shifts are multiples of 16 and
-    the gradient stores are as wide as the logit loads; the cost is at most 15 unused elements per row.
+    Contiguous x3 gets a contiguous buffer. Otherwise (a slice such as logits[:, P-1:-1]) it starts at x3's offset
+    from a 16-byte boundary and each stride is the smallest >= the contiguous one that is congruent to x3's modulo
+    16, so that addressing_like(dx, x3) has shifts that are multiples of 16 and the gradient stores are as wide as
+    the logit loads; the cost is at most 15 unused elements per row and 7 before the first.
     """
     A, B, V = x3.shape
+    start = _aligned(x3)[1]
     stride_b = V + (x3.stride(1) - V) % 16
     stride_a = B * stride_b + (x3.stride(0) - B * stride_b) % 16
-    dx = _dispatch.empty(A * stride_a, dtype=dtype, device=x3.device).as_strided((A, B, V), (stride_a, stride_b, 1))
-    return dx, stride_a - x3.stride(0), stride_b - x3.stride(1)
+    buffer = _dispatch.empty(start + A * stride_a, dtype=dtype, device=x3.device)
+    return buffer.as_strided((A, B, V), (stride_a, stride_b, 1), start)
 
 
 # -----------------------------------------------------------------------------
 # in-kernel helpers (inlined by Triton into each kernel)
 
 @triton.jit
-def offset(row, n_inner, stride_a, stride_b):
-    """Element offset of row `row` of an (A, n_inner, V) view: (row // n_inner, row % n_inner) . strides."""
-    return (row // n_inner) * stride_a + (row % n_inner) * stride_b
+def offset(row, n_inner, start, stride_a, stride_b):
+    """Element offset of row `row` of an (A, n_inner, V) view: start + (row // n_inner, row % n_inner) . strides
+    (or, given shifts, the difference between two tensors' offsets)."""
+    return start + (row // n_inner) * stride_a + (row % n_inner) * stride_b
 
 
 @triton.jit

@@ -75,12 +75,12 @@ def _validate(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
 # Triton kernels: one program per row
 
 @triton.jit
-def _ce_fwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, t_ptr, loss_ptr, max_ptr, logd_ptr, n_cols,
+def _ce_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, t_ptr, loss_ptr, max_ptr, logd_ptr, n_cols,
                    ignore_index, eps, z_loss, SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
     # int64 because with N = 32k tokens and V = 128k the offset passes 2**31: an int32 product wraps negative and
     # reads memory before the tensor (the bug DeepSpeed PR #8591 fixed in its Triton kernels)
     row = tl.program_id(0).to(tl.int64)
-    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
     x_ptr += first  # the row is x_ptr[head : end], walked in chunks whose inner ones start on 16-byte boundaries
     end = head + n_cols
     t = tl.load(t_ptr + row)
@@ -122,12 +122,13 @@ def _ce_fwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, t_ptr, loss_ptr, max_
 #   => d loss / d x_i = g * ( p_i (1 + 2 z lse) - (1 - eps) [i == t] - eps / V )
 # and 0 for an ignored row. p_i is recomputed as exp((x_i - m) - logd) from the two saved scalars.
 @triton.jit
-def _ce_bwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_shift_a, dx_shift_b, t_ptr, dloss_ptr,
-                   dloss_stride, max_ptr, logd_ptr, n_cols, ignore_index, eps, z_loss, BLOCK: tl.constexpr):
+def _ce_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_shift_0, dx_shift_a, dx_shift_b,
+                   t_ptr, dloss_ptr, dloss_stride, max_ptr, logd_ptr, n_cols, ignore_index, eps, z_loss,
+                   BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
-    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
     x_ptr += first  # the row is x_ptr[head : end] (see forward), and dx's is dx_ptr[head : end]
-    dx_ptr += first + _rows.offset(row, n_inner, dx_shift_a, dx_shift_b)
+    dx_ptr += first + _rows.offset(row, n_inner, dx_shift_0, dx_shift_a, dx_shift_b)
     end = head + n_cols
     t = tl.load(t_ptr + row)
     # the target's column in the chunk grid, int32 like the grid. An out-of-range target (on CUDA reported
@@ -162,8 +163,8 @@ def _ce_forward(x3, t, ignore_index, eps, z_loss):
     row_logd = _dispatch.empty(N, dtype=torch.float32, device=x3.device)
     if N > 0:
         BLOCK, num_warps = launch_config(V)
-        _ce_fwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), B, t, loss, row_max, row_logd, V, ignore_index, eps,
-                             z_loss, SMOOTH=eps > 0, BLOCK=BLOCK, num_warps=num_warps)
+        _ce_fwd_kernel[(N,)](*_rows.addressing(x3), B, t, loss, row_max, row_logd, V, ignore_index, eps, z_loss,
+                             SMOOTH=eps > 0, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["cross_entropy_fwd"] += 1
     return loss, row_max, row_logd
 
@@ -174,12 +175,11 @@ def _ce_backward(x3, t, dloss, row_max, row_logd, ignore_index, eps, z_loss):
     A, B, V = x3.shape
     N = A * B
     assert dloss.shape == (N,), f"dloss shape {tuple(dloss.shape)} != ({N},)"
-    dx, dx_shift_a, dx_shift_b = _rows.grad_rows(x3, x3.dtype)  # contiguous when x3 is
+    dx = _rows.grad_rows(x3, x3.dtype)  # contiguous when x3 is
     if N > 0:
         BLOCK, num_warps = launch_config(V)
-        _ce_bwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), B, dx, dx_shift_a, dx_shift_b, t, dloss,
-                             dloss.stride(0), row_max, row_logd, V, ignore_index, eps, z_loss, BLOCK=BLOCK,
-                             num_warps=num_warps)
+        _ce_bwd_kernel[(N,)](*_rows.addressing(x3), B, *_rows.addressing_like(dx, x3), t, dloss, dloss.stride(0),
+                             row_max, row_logd, V, ignore_index, eps, z_loss, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["cross_entropy_bwd"] += 1
     return dx
 

@@ -77,16 +77,16 @@ def _validate(logits, ref_logits, temperature):
 # Triton kernels: one program per row
 
 @triton.jit
-def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_shift_a, y_shift_b, n_inner, kl_ptr, mean_ptr,
-                   max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr, n_cols, inv_temp, BLOCK: tl.constexpr):
+def _kl_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_shift_a, y_shift_b, n_inner, kl_ptr,
+                   mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr, n_cols, inv_temp, BLOCK: tl.constexpr):
     # int64: row * stride exceeds 2**31 once N * V does (e.g. 14200 rows of V=151936), and an int32 product would
     # silently wrap to a negative offset and read another row
     row = tl.program_id(0).to(tl.int64)
-    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
     # x's row is x_ptr[head : end], walked in chunks whose inner ones start on 16-byte boundaries (kernels/_rows.py);
     # y's row, addressed through its shifts, is y_ptr[head : end]
     x_ptr += first
-    y_ptr += first + _rows.offset(row, n_inner, y_shift_a, y_shift_b)
+    y_ptr += first + _rows.offset(row, n_inner, y_shift_0, y_shift_a, y_shift_b)
     end = head + n_cols
 
     # The raw logits are shifted by their running max BEFORE the 1/T scaling: x/T rounded first would cost
@@ -142,17 +142,17 @@ def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_shift_a, y_shift_b, n
 # in every p_i-weighted term. Both need p and q, so both logits are read once; each requested gradient is written
 # once, in the input dtype, scaled by the upstream gradient g of that row.
 @triton.jit
-def _kl_bwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_shift_a, y_shift_b, n_inner, dx_ptr, dx_shift_a,
-                   dx_shift_b, dy_ptr, dy_shift_a, dy_shift_b, dkl_ptr, dkl_stride, mean_ptr, max_x_ptr, logs_x_ptr,
-                   max_y_ptr, logs_y_ptr, n_cols, inv_temp, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _kl_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_shift_a, y_shift_b, n_inner, dx_ptr,
+                   dx_shift_0, dx_shift_a, dx_shift_b, dy_ptr, dy_shift_0, dy_shift_a, dy_shift_b, dkl_ptr, dkl_stride,
+                   mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr, n_cols, inv_temp, NEED_DX: tl.constexpr,
+                   NEED_DY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
-    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
     # from here on each row is ptr[head : end], as in the forward
     x_ptr += first
-    y_ptr += first + _rows.offset(row, n_inner, y_shift_a, y_shift_b)
-    dx_ptr += first + _rows.offset(row, n_inner, dx_shift_a, dx_shift_b)
-    dy_ptr += first + _rows.offset(row, n_inner, dy_shift_a, dy_shift_b)
+    y_ptr += first + _rows.offset(row, n_inner, y_shift_0, y_shift_a, y_shift_b)
+    dx_ptr += first + _rows.offset(row, n_inner, dx_shift_0, dx_shift_a, dx_shift_b)
+    dy_ptr += first + _rows.offset(row, n_inner, dy_shift_0, dy_shift_a, dy_shift_b)
     end = head + n_cols
     g = tl.load(dkl_ptr + row * dkl_stride) * inv_temp
     mean = tl.load(mean_ptr + row)
@@ -189,7 +189,7 @@ def _kl_forward(x3, y3, temperature, block):
     stats = [_dispatch.empty(N, dtype=torch.float32, device=x3.device) for _ in range(5)]
     if N > 0:
         BLOCK, num_warps = launch_config(V, block)
-        _kl_fwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), y3, *_rows.shifts(y3, x3), B, kl, *stats, V,
+        _kl_fwd_kernel[(N,)](*_rows.addressing(x3), *_rows.addressing_like(y3, x3), B, kl, *stats, V,
                              1.0 / temperature, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_kl_fwd"] += 1
     return kl, stats
@@ -201,15 +201,17 @@ def _kl_backward(x3, y3, dkl, stats, temperature, block, need_dx, need_dy):
     A, B, V = x3.shape
     N = A * B
     assert dkl.shape == (N,), f"dkl shape {tuple(dkl.shape)} != ({N},)"
-    # laid out in step with x3 (contiguous when it is, see _rows.grad_rows); a gradient nobody needs is compiled
-    # out (constexpr), and the other buffer stands in for its pointer
-    dx, *dx_shifts = _rows.grad_rows(x3, x3.dtype) if need_dx else (None, 0, 0)
-    dy, *dy_shifts = _rows.grad_rows(x3, y3.dtype) if need_dy else (None, 0, 0)
+    # laid out in step with x3 (contiguous when it is, see _rows.grad_rows)
+    dx = _rows.grad_rows(x3, x3.dtype) if need_dx else None
+    dy = _rows.grad_rows(x3, y3.dtype) if need_dy else None
     if N > 0:
         BLOCK, num_warps = launch_config(V, block)
-        _kl_bwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), y3, *_rows.shifts(y3, x3), B, dx if need_dx else dy,
-                             *dx_shifts, dy if need_dy else dx, *dy_shifts, dkl, dkl.stride(0), *stats, V,
-                             1.0 / temperature, NEED_DX=need_dx, NEED_DY=need_dy, BLOCK=BLOCK, num_warps=num_warps)
+        # a gradient nobody needs is compiled out (constexpr); the other buffer stands in for its pointer
+        dx_args = _rows.addressing_like(dx if need_dx else dy, x3)
+        dy_args = _rows.addressing_like(dy if need_dy else dx, x3)
+        _kl_bwd_kernel[(N,)](*_rows.addressing(x3), *_rows.addressing_like(y3, x3), B, *dx_args, *dy_args, dkl,
+                             dkl.stride(0), *stats, V, 1.0 / temperature, NEED_DX=need_dx, NEED_DY=need_dy,
+                             BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_kl_bwd"] += 1
     return dx, dy
 

@@ -57,12 +57,12 @@ def _validate(logits, tokens, temperature):
 # Triton kernels: one program per row
 
 @triton.jit
-def _logprobs_fwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, t_ptr, logp_ptr, ent_ptr, max_ptr, logd_ptr,
-                         n_cols, inv_temp, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+def _logprobs_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, t_ptr, logp_ptr, ent_ptr, max_ptr,
+                         logd_ptr, n_cols, inv_temp, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     # int64 because with N = 32k tokens and V = 128k the offset passes 2**31: an int32 product wraps negative and
     # reads memory before the tensor (the bug DeepSpeed PR #8591 fixed in its Triton kernels)
     row = tl.program_id(0).to(tl.int64)
-    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
     x_ptr += first  # the row is x_ptr[head : end], walked in chunks whose inner ones start on 16-byte boundaries
     end = head + n_cols
     t = tl.load(t_ptr + row)
@@ -106,13 +106,13 @@ def _logprobs_fwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, t_ptr, logp_ptr
 #   => d / d x_i = ( g ([i == t] - p_i) - h p_i (log p_i + H) ) / T
 # with p_i (log p_i + H) := 0 where p_i = 0 (a -inf logit), the limit of p log p.
 @triton.jit
-def _logprobs_bwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_shift_a, dx_shift_b, t_ptr, dlogp_ptr,
-                         dlogp_stride, dent_ptr, dent_stride, ent_ptr, max_ptr, logd_ptr, n_cols, inv_temp,
-                         HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr, BLOCK: tl.constexpr):
+def _logprobs_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_shift_0, dx_shift_a,
+                         dx_shift_b, t_ptr, dlogp_ptr, dlogp_stride, dent_ptr, dent_stride, ent_ptr, max_ptr, logd_ptr,
+                         n_cols, inv_temp, HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
-    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
     x_ptr += first  # the row is x_ptr[head : end] (see forward), and dx's is dx_ptr[head : end]
-    dx_ptr += first + _rows.offset(row, n_inner, dx_shift_a, dx_shift_b)
+    dx_ptr += first + _rows.offset(row, n_inner, dx_shift_0, dx_shift_a, dx_shift_b)
     end = head + n_cols
     t = tl.load(t_ptr + row)
     t_col = head + t.to(tl.int32)  # the token's column in the chunk grid (int32, as in cross_entropy.py)
@@ -154,9 +154,8 @@ def _logprobs_forward(x3, t, temperature, entropy):
     if N > 0:
         BLOCK, num_warps = launch_config(V)
         # without entropy the ENTROPY=False kernel never touches ent_ptr; logp stands in for the pointer
-        _logprobs_fwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), B, t, logp, ent if entropy else logp, row_max,
-                                   row_logd, V, 1.0 / temperature, ENTROPY=entropy, BLOCK=BLOCK,
-                                   num_warps=num_warps)
+        _logprobs_fwd_kernel[(N,)](*_rows.addressing(x3), B, t, logp, ent if entropy else logp, row_max, row_logd,
+                                   V, 1.0 / temperature, ENTROPY=entropy, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_logprobs_fwd"] += 1
     return logp, ent, row_max, row_logd
 
@@ -166,14 +165,14 @@ def _logprobs_backward(x3, t, dlogp, dent, ent, row_max, row_logd, temperature):
     (see _rows.grad_rows)."""
     A, B, V = x3.shape
     N = A * B
-    dx, dx_shift_a, dx_shift_b = _rows.grad_rows(x3, x3.dtype)  # contiguous when x3 is
+    dx = _rows.grad_rows(x3, x3.dtype)  # contiguous when x3 is
     if N > 0:
         BLOCK, num_warps = launch_config(V)
         # a missing gradient's term is compiled out (constexpr); row_max stands in for its pointers, never read
         has_dlogp, has_dent = dlogp is not None, dent is not None
         dlogp = dlogp if has_dlogp else row_max
         dent, ent = (dent, ent) if has_dent else (row_max, row_max)
-        _logprobs_bwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), B, dx, dx_shift_a, dx_shift_b, t, dlogp,
+        _logprobs_bwd_kernel[(N,)](*_rows.addressing(x3), B, *_rows.addressing_like(dx, x3), t, dlogp,
                                    dlogp.stride(0), dent, dent.stride(0), ent, row_max, row_logd, V,
                                    1.0 / temperature,
                                    HAS_DLOGP=has_dlogp, HAS_DENT=has_dent, BLOCK=BLOCK, num_warps=num_warps)

@@ -332,18 +332,25 @@ def test_offsets_past_2_31():
     assert proc.returncode == 0 and "ok" in proc.stdout, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
 
 
-def test_gradient_rows_in_step_with_the_logits():
-    # a gradient row must start at its logits row's 16-element phase for both to move in 16-byte vectors
-    # (kernels/_rows.py): contiguous logits get a contiguous gradient, a slice a padded one whose shifts are
-    # multiples of 16, at most 15 elements per row apart
-    for x in [torch.empty(4, 1001), torch.empty(2, 9, 1001)[:, 3:-1], torch.empty(3, 4, 1010)[1:, :, 2:-7]]:
-        x3 = _rows.as_rows(x)
-        dx, shift_a, shift_b = _rows.grad_rows(x3, torch.bfloat16)
-        assert dx.shape == x3.shape and dx.dtype == torch.bfloat16 and shift_a % 16 == 0 and shift_b % 16 == 0
-        assert dx.stride(0) - x3.stride(0) == shift_a and dx.stride(1) - x3.stride(1) == shift_b
+def test_rows_addressed_from_16_byte_boundaries():
+    # kernels/_rows.py: each kernel gets the logits' address rounded down to 16 bytes plus an element offset, and
+    # addresses the reference logits and the gradient by shifts from the logits' row offsets; every shift must be
+    # a multiple of 16 for the compiler to prove them in phase. Contiguous logits get a contiguous gradient.
+    def slices(make):
+        return [make(4, 1001), make(2, 9, 1001)[:, 3:-1], make(3, 4, 1010)[1:, :, 2:-7], make(5, 1003)[:, 1:]]
+    for x, y in zip(slices(lambda *s: torch.empty(*s, dtype=torch.bfloat16)),
+                    slices(lambda *s: torch.empty(*s, dtype=torch.bfloat16))):
+        x3, y3 = _rows.as_rows(x), _rows.as_rows(y)
+        x_ptr, x_start, stride_a, stride_b = _rows.addressing(x3)
+        assert x_ptr.data_ptr() % 16 == 0 and x_ptr.data_ptr() + 2 * x_start == x3.data_ptr()
+        assert (stride_a, stride_b) == x3.stride()[:2]
+        assert _rows.addressing_like(y3, x3)[1:] == (0, 0, 0)
+        dx = _rows.grad_rows(x3, torch.bfloat16)
+        dx_ptr, *shifts = _rows.addressing_like(dx, x3)
+        assert dx.shape == x3.shape and dx_ptr.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in shifts)
+        assert dx.is_contiguous() == x3.is_contiguous()
         A, B, V = x3.shape
         assert 0 <= dx.stride(1) - V < 16 and 0 <= dx.stride(0) - B * dx.stride(1) < 16
-        assert dx.is_contiguous() == x3.is_contiguous()
 
 
 def test_layouts_that_copy():
