@@ -74,6 +74,8 @@ LAYOUTS = {
     "contiguous": "logits (N, V), as train_sft.py passes them",
     "response": "logits[:, P-1:-1] of (B, P + R, V) for the policy and the reference model, as "
                 "nanopost.rollout.at_response slices them for PPO: each starts (P - 1) V elements into its buffer",
+    "padded": "logits (N, V) in rows of V rounded up to a multiple of 64 (nanoGPT's 50304 for GPT-2), i.e. "
+              "logits[..., :V] of a model whose vocabulary was padded: the other route issue #24 names",
     "ref-stride": "policy logits (N, V), reference logits (N, V + 1)[:, :V]: the reference rows drift out of the "
                   "policy rows' 16-byte phase, so token_kl's reads of them stay narrow (what --check catches)",
 }
@@ -86,6 +88,8 @@ def launches(V, dtype, layout="contiguous", n=N):
         if layout == "response":
             B, P = 64, 64
             return torch.empty(B, P + n // B, V, dtype=dtype, device="meta")[:, P - 1:-1]  # (B, n / B, V)
+        if layout == "padded":
+            return torch.empty(n, (V + 63) // 64 * 64, dtype=dtype, device="meta")[:, :V]  # (n, V)
         if layout == "ref-stride" and ref:
             return torch.empty(n, V + 1, dtype=dtype, device="meta")[:, :V]  # (n, V)
         return torch.empty(n, V, dtype=dtype, device="meta")  # (n, V)
