@@ -7,18 +7,22 @@ instruction (`ld.global.v4.b32`: 8 bf16 or 4 fp32), and Triton emits that only w
 16-byte aligned and the mask constant across the 16 bytes. What it knows comes from the JIT's specialisation:
 a pointer argument whose address is a multiple of 16, an integer argument that is a multiple of 16 (see
 kernels/aot.py). Walking a row from its first column with the mask `col < V` proves nothing at GPT-2's
-V = 50257: row r of bf16 logits starts at byte 2 * 50257 * r, and every logit was read 2 bytes at a time
-(kernels/BENCHMARK.md has the compiler's before/after rows).
+V = 50257: row r of bf16 logits starts at byte 2 * 50257 * r, and such a walk reads every logit 2 bytes at a time
+(kernels/BENCHMARK.md has the compiler's rows for it and for the walk below).
 
-So a row is walked in BLOCK-wide chunks laid on a grid anchored at its first 16-byte boundary:
+So a row is walked in BLOCK-wide chunks laid on a grid anchored at its first 16-byte boundary (chunk_grid()):
 
-      lo          aligned                                                     hi
-      |<- < VEC ->|<--- BLOCK --->|<--- BLOCK --->|  ...  |<-- BLOCK, part -->|
-         masked       unmasked        unmasked                  masked
+            chunk 0         chunk 1         chunk 2                   last chunk
+        |---------------|---------------|---------------|  ...  |---------------|
+                     |<------------------------ the row ------------------>|
+        ^ first      ^ head                                                 ^ end
 
-Only the two ragged ends are masked (as flash-attention's EVEN_K masks only the last, partial block); every chunk
-between them is loaded without a mask from an address the compiler itself can prove aligned: the row start
-rounded up to a multiple of VEC = 16 / element size is a product with VEC, and the JIT marked the pointer. Nothing
+chunk 1 starts on the row's first 16-byte boundary, so chunk 0 holds only the row's first < VEC columns (VEC = 16 /
+element size), and there is no chunk 0 when the row starts on a boundary.
+
+Only the chunks holding the row's two ends are masked (as flash-attention's EVEN_K masks only the last, partial
+block); every chunk between them is loaded without a mask from an address the compiler itself can prove aligned:
+the row start rounded up to a multiple of VEC is a product with VEC, and the JIT marked the pointer. Nothing
 is promised with tl.multiple_of, so a wrong assumption costs speed (scalar loads), never a misaligned access.
 
 Two things make the proof hold beyond contiguous logits:
