@@ -113,35 +113,3 @@ def empty(*shape, dtype, device):
     if poison:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def as_rows(x: torch.Tensor):
-    """(..., V) -> (A, B, V) view with last stride 1; row r = (r // B, r % B) sits at
-    (r // B) * stride(0) + (r % B) * stride(1), so kernels take two row strides.
-
-    Two strides instead of one cover the common training layouts without a copy: contiguous logits, a column
-    slice (row stride != V), and logits[:, :-1] (the last position predicts nothing), whose (B, T-1) rows cannot
-    collapse to a single stride. Only more than two leading dims that cannot merge (rare), or a last stride
-    != 1, cost a copy.
-    """
-    V = x.shape[-1]
-    if V > 1 and x.stride(-1) != 1:
-        x = x.contiguous()
-    if x.dim() == 1:
-        return x.view(1, 1, V)
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    return x.flatten(0, -3)  # a view when the outer leading dims merge, else a copy
-
-
-def launch_config(n_cols, block=None):
-    """(BLOCK, num_warps) for a one-program-per-row kernel that loops over a row of n_cols in BLOCK chunks.
-    `block` forces the chunk size (tests use it to exercise the multi-chunk loop on small rows)."""
-    # BLOCK: the whole row when it fits, else 4096-column chunks. 4096 fp32 over 8 warps is 16 values per thread:
-    # enough loads in flight to saturate HBM without spilling registers; a bigger chunk only adds register
-    # pressure, a smaller one adds loop trips. The loop makes any V (1, odd, > 65536) work with one kernel.
-    BLOCK = block or min(triton.next_power_of_2(n_cols), 4096)
-    assert BLOCK & (BLOCK - 1) == 0, f"BLOCK must be a power of two, got {BLOCK}"
-    # one warp per 512 columns (16 per thread), between 1 and 8: more warps than that would idle on short rows
-    num_warps = max(1, min(8, BLOCK // 512))
-    return BLOCK, num_warps

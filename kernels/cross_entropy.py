@@ -24,8 +24,9 @@ bf16 logits.
 
 import torch
 
-from kernels import _dispatch
-from kernels._dispatch import check_indices, check_logits, launch_config, tl, triton
+from kernels import _dispatch, _rows
+from kernels._dispatch import check_indices, check_logits, tl, triton
+from kernels._rows import launch_config
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -74,36 +75,34 @@ def _validate(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
 # Triton kernels: one program per row
 
 @triton.jit
-def _ce_fwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, t_ptr, loss_ptr, max_ptr, logd_ptr, n_cols,
+def _ce_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, t_ptr, loss_ptr, max_ptr, logd_ptr, n_cols,
                    ignore_index, eps, z_loss, SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
-    # row r of the (A, B, V) view is (r // n_inner, r % n_inner) (see _dispatch.as_rows). int64 because with
-    # N = 32k tokens and V = 128k the offset passes 2**31: an int32 product wraps negative and reads memory
-    # before the tensor (the bug DeepSpeed PR #8591 fixed in its Triton kernels)
+    # int64 because with N = 32k tokens and V = 128k the offset passes 2**31: an int32 product wraps negative and
+    # reads memory before the tensor (the bug DeepSpeed PR #8591 fixed in its Triton kernels)
     row = tl.program_id(0).to(tl.int64)
-    x_ptr += (row // n_inner) * x_stride_a + (row % n_inner) * x_stride_b
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    x_ptr += first  # the row is x_ptr[head : end], walked in chunks whose inner ones start on 16-byte boundaries
+    end = head + n_cols
     t = tl.load(t_ptr + row)
-    cols = tl.arange(0, BLOCK)
 
     m = tl.zeros([], dtype=tl.float32) + float("-inf")  # running max
     d = tl.zeros([], dtype=tl.float32)  # sum_j exp(x_j - m) over the columns seen so far
     sum_x = tl.zeros([], dtype=tl.float32)
-    for off in range(0, n_cols, BLOCK):
-        mask = off + cols < n_cols
-        # the tail past V pads with -inf, not 0: a 0 would add exp(0 - m) per phantom column to d (verl PR #5349)
-        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    for off in range(0, end, BLOCK):  # kernels/_rows.py
+        x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)  # -inf outside the row
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        # subtract 0 instead of m_new while every logit so far is -inf (a masked tail, a vocab slice banned with
+        # subtract 0 instead of m_new while every logit so far is -inf (a masked chunk, a vocab slice banned with
         # -inf): exp(-inf - -inf) would be NaN. A NaN logit makes the sum NaN whatever max did with it.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
         if SMOOTH:
-            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            sum_x += tl.sum(tl.where(_rows.in_row(off, head, end, BLOCK), x, 0.0), axis=0)
     logd = tl.log(d)
 
     valid = t != ignore_index
     # masked so that an out-of-range target (CUDA reports it asynchronously) never reads outside the row
-    x_t = tl.load(x_ptr + t, mask=valid & (t >= 0) & (t < n_cols), other=0.0).to(tl.float32)
+    x_t = tl.load(x_ptr + head + t, mask=valid & (t >= 0) & (t < n_cols), other=0.0).to(tl.float32)
     # lse = m + logd is never formed for the nll: at |x| ~ 1e4 rounding m + logd to fp32 costs ~5e-4, while
     # (m - x_t) + logd keeps every digit of the small result
     loss = (1.0 - eps) * ((m - x_t) + logd)
@@ -123,12 +122,18 @@ def _ce_fwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, t_ptr, loss_ptr, max_
 #   => d loss / d x_i = g * ( p_i (1 + 2 z lse) - (1 - eps) [i == t] - eps / V )
 # and 0 for an ignored row. p_i is recomputed as exp((x_i - m) - logd) from the two saved scalars.
 @triton.jit
-def _ce_bwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_stride, t_ptr, dloss_ptr, dloss_stride,
-                   max_ptr, logd_ptr, n_cols, ignore_index, eps, z_loss, BLOCK: tl.constexpr):
+def _ce_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_shift_0, dx_shift_a, dx_shift_b,
+                   t_ptr, dloss_ptr, dloss_stride, max_ptr, logd_ptr, n_cols, ignore_index, eps, z_loss,
+                   BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
-    x_ptr += (row // n_inner) * x_stride_a + (row % n_inner) * x_stride_b
-    dx_ptr += row * dx_stride
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    x_ptr += first  # the row is x_ptr[head : end] (see forward), and dx's is dx_ptr[head : end]
+    dx_ptr += first + _rows.offset(row, n_inner, dx_shift_0, dx_shift_a, dx_shift_b)
+    end = head + n_cols
     t = tl.load(t_ptr + row)
+    # the target's column in the chunk grid, int32 like the grid. An out-of-range target (on CUDA reported
+    # asynchronously by check_indices) may then mark a wrong column of this row, never an address outside it
+    t_col = head + t.to(tl.int32)
     valid = t != ignore_index
     g = tl.load(dloss_ptr + row * dloss_stride)
     m = tl.load(max_ptr + row)
@@ -136,14 +141,11 @@ def _ce_bwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_stride, t_
     g_p = g * (1.0 + 2.0 * z_loss * (m + logd))
     g_t = g * (1.0 - eps)
     g_u = g * eps / n_cols
-    cols = tl.arange(0, BLOCK)
-    for off in range(0, n_cols, BLOCK):
-        mask = off + cols < n_cols
-        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    for off in range(0, end, BLOCK):
+        x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)
         p = tl.exp((x - m) - logd)
-        dx = g_p * p - g_u - tl.where(off + cols == t, g_t, 0.0)
-        dx = tl.where(valid, dx, 0.0)
-        tl.store(dx_ptr + off + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dx = g_p * p - g_u - tl.where(tl.arange(0, BLOCK) == t_col - off, g_t, 0.0)
+        _rows.store_chunk(dx_ptr, off, head, end, tl.where(valid, dx, 0.0), BLOCK)
 
 
 # -----------------------------------------------------------------------------
@@ -161,22 +163,23 @@ def _ce_forward(x3, t, ignore_index, eps, z_loss):
     row_logd = _dispatch.empty(N, dtype=torch.float32, device=x3.device)
     if N > 0:
         BLOCK, num_warps = launch_config(V)
-        _ce_fwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), B, t, loss, row_max, row_logd, V, ignore_index, eps,
-                             z_loss, SMOOTH=eps > 0, BLOCK=BLOCK, num_warps=num_warps)
+        _ce_fwd_kernel[(N,)](*_rows.addressing(x3), B, t, loss, row_max, row_logd, V, ignore_index, eps, z_loss,
+                             SMOOTH=eps > 0, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["cross_entropy_fwd"] += 1
     return loss, row_max, row_logd
 
 
 def _ce_backward(x3, t, dloss, row_max, row_logd, ignore_index, eps, z_loss):
-    """dloss (N,) (any stride, e.g. 0 when expanded from a mean) -> dx (A, B, V) in x3's dtype."""
+    """dloss (N,) (any stride, e.g. 0 when expanded from a mean) -> dx (A, B, V) in x3's dtype, laid out in step
+    with x3 (see _rows.grad_rows)."""
     A, B, V = x3.shape
     N = A * B
     assert dloss.shape == (N,), f"dloss shape {tuple(dloss.shape)} != ({N},)"
-    dx = _dispatch.empty(A, B, V, dtype=x3.dtype, device=x3.device)  # contiguous: row r at r * V
+    dx = _rows.grad_rows(x3, x3.dtype)  # contiguous when x3 is
     if N > 0:
         BLOCK, num_warps = launch_config(V)
-        _ce_bwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), B, dx, V, t, dloss, dloss.stride(0), row_max,
-                             row_logd, V, ignore_index, eps, z_loss, BLOCK=BLOCK, num_warps=num_warps)
+        _ce_bwd_kernel[(N,)](*_rows.addressing(x3), B, *_rows.addressing_like(dx, x3), t, dloss, dloss.stride(0),
+                             row_max, row_logd, V, ignore_index, eps, z_loss, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["cross_entropy_bwd"] += 1
     return dx
 
@@ -210,7 +213,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label
         return cross_entropy_ref(logits, targets, ignore_index=ignore_index, reduction=reduction,
                                  label_smoothing=label_smoothing, z_loss=z_loss)
     _validate(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
-    x3 = _dispatch.as_rows(logits)  # (A, B, V), usually a view of logits
+    x3 = _rows.as_rows(logits)  # (A, B, V), usually a view of logits
     t = targets.reshape(-1).long().contiguous()  # (N,)
     loss = _CrossEntropy.apply(x3, t, int(ignore_index), float(label_smoothing), float(z_loss))  # (N,)
     return _reduce(loss.view(targets.shape), targets != ignore_index, reduction)

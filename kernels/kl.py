@@ -7,15 +7,21 @@ Per-token KL divergence between two categorical distributions given as logits, f
     lse_p = logsumexp(x / T),  lse_q = logsumexp(y / T)                  -> KL is (...,) float32
 
 The forward reads each row of x and y exactly once: it keeps running maxima m_x, m_y of the raw logits,
-running sums s_x = sum exp((x - m_x)/T), s_y = sum exp((y - m_y)/T), and acc = sum exp((x - m_x)/T) (x - y)/T,
-rescaling all three by exp((m_old - m_new)/T) whenever a chunk raises the maximum ("online softmax",
-Milakov & Gimelshein 2018, "Online normalizer calculation for softmax", arXiv:1805.02867). Then
-KL = acc / s_x - (m_x - m_y)/T - (log s_x - log s_y). Only five floats per row (m_x, log s_x, m_y, log s_y,
-acc / s_x) are saved for the backward, which recomputes p and q from the logits instead of storing an (N, V)
-probability matrix.
-lse is kept split as (m, log s): p_i = exp((x_i - m_x)/T - log s_x) never subtracts two numbers of the size
-of the logits after rounding, which a single fp32 lse ~ 1e4 (spacing 1e-3) would; nor is x/T rounded before
-the max is subtracted (at T != 1 that alone costs ulp(|x|/T) per logit).
+running sums s_x = sum exp((x - m_x)/T), s_y = sum exp((y - m_y)/T), and acc = sum exp((x - m_x)/T) u with
+u = (x - m_x)/T - (y - m_y)/T, rescaling them whenever a chunk raises a maximum ("online softmax",
+Milakov & Gimelshein 2018, "Online normalizer calculation for softmax", arXiv:1805.02867). Since
+log p_i - log q_i = u_i - log(s_x / s_y),
+    KL = acc / s_x - log(s_x / s_y).
+Only five floats per row (m_x, log s_x, m_y, log s_y, acc / s_x) are saved for the backward, which recomputes p
+and q from the logits instead of storing an (N, V) probability matrix.
+Precision: nothing of the size of the logits is subtracted after rounding. u is formed relative to the maxima,
+not as (x - y)/T with the maxima taken out at the end: under offsets softmax ignores (x + 12, y - 6), sum p (x - y)/T
+and (m_x - m_y)/T would be ~18 each, and their fp32 rounding puts a KL of 1 off float64 by 3e-6 to 5e-6, 2.5 to 6
+times torch's log_softmax route; this form is off by 3e-7 to 4e-7 (test_kl_of_one_under_offsets in
+tests/test_kernels_kl.py). The normalizers enter as one log of their ratio, not log s_x - log s_y (each up to
+log V ~ 11). lse is kept split as (m, log s), so p_i = exp((x_i - m_x)/T - log s_x) never rounds an lse ~ 1e4
+(spacing 1e-3); and x/T is never rounded before the max is subtracted (at T != 1 that alone costs ulp(|x|/T) per
+logit).
 
 Which KL you get depends on argument order: token_kl(policy, ref) is KL(policy || ref), the usual
 PPO/RLHF penalty; the forward KL to a base model is token_kl(base_logits, logits).
@@ -31,8 +37,9 @@ until the backward.
 import torch
 import torch.nn.functional as F
 
-from kernels import _dispatch
-from kernels._dispatch import launch_config, tl, triton
+from kernels import _dispatch, _rows
+from kernels._dispatch import tl, triton
+from kernels._rows import launch_config
 
 
 # -----------------------------------------------------------------------------
@@ -70,15 +77,17 @@ def _validate(logits, ref_logits, temperature):
 # Triton kernels: one program per row
 
 @triton.jit
-def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b, n_inner, kl_ptr, mean_ptr,
-                   max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr, n_cols, inv_temp, BLOCK: tl.constexpr):
-    # row r of the (A, B, V) views is (r // n_inner, r % n_inner) (see _dispatch.as_rows); x and y share the shape,
-    # not the strides. int64: row * stride exceeds 2**31 once N * V does (e.g. 14200 rows of V=151936), and an
-    # int32 product would silently wrap to a negative offset and read another row.
+def _kl_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_shift_a, y_shift_b, n_inner, kl_ptr,
+                   mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr, n_cols, inv_temp, BLOCK: tl.constexpr):
+    # int64: row * stride exceeds 2**31 once N * V does (e.g. 14200 rows of V=151936), and an int32 product would
+    # silently wrap to a negative offset and read another row
     row = tl.program_id(0).to(tl.int64)
-    x_ptr += (row // n_inner) * x_stride_a + (row % n_inner) * x_stride_b
-    y_ptr += (row // n_inner) * y_stride_a + (row % n_inner) * y_stride_b
-    cols = tl.arange(0, BLOCK)
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    # x's row is x_ptr[head : end], walked in chunks whose inner ones start on 16-byte boundaries (kernels/_rows.py);
+    # y's row, addressed through its shifts, is y_ptr[head : end]
+    x_ptr += first
+    y_ptr += first + _rows.offset(row, n_inner, y_shift_0, y_shift_a, y_shift_b)
+    end = head + n_cols
 
     # The raw logits are shifted by their running max BEFORE the 1/T scaling: x/T rounded first would cost
     # ulp(|x|/T) per logit (~1e-3 at |x| ~ 1e4), where x - max(x) is exact for the logits that matter.
@@ -86,11 +95,10 @@ def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b,
     m_y = tl.full([], float("-inf"), tl.float32)
     s_x = tl.zeros([], tl.float32)                 # sum exp((x - m_x)/T)
     s_y = tl.zeros([], tl.float32)
-    acc = tl.zeros([], tl.float32)                 # sum exp((x - m_x)/T) * (x - y)/T
-    for off in range(0, n_cols, BLOCK):
-        mask = off + cols < n_cols
-        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        y = tl.load(y_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    acc = tl.zeros([], tl.float32)                 # sum exp((x - m_x)/T) u,  u = (x - m_x)/T - (y - m_y)/T
+    for off in range(0, end, BLOCK):
+        x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)  # -inf outside the row
+        y = _rows.load_chunk(y_ptr, off, head, end, BLOCK)
         m_x_new = tl.maximum(m_x, tl.max(x, axis=0))
         m_y_new = tl.maximum(m_y, tl.max(y, axis=0))
         # While every entry seen so far is -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
@@ -98,70 +106,72 @@ def _kl_fwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b,
         sh_y = tl.where(m_y_new == float("-inf"), 0.0, m_y_new)
         alpha_x = tl.exp((m_x - sh_x) * inv_temp)  # 0 on the first finite chunk, since m_x = -inf
         alpha_y = tl.exp((m_y - sh_y) * inv_temp)
-        e_x = tl.exp((x - sh_x) * inv_temp)
-        e_y = tl.exp((y - sh_y) * inv_temp)
-        # p_i = 0 (x = -inf, incl. the masked tail) adds 0, not 0 * inf = NaN. q_i = 0 under p_i > 0 adds
+        a = (x - sh_x) * inv_temp
+        b = (y - sh_y) * inv_temp
+        e_x = tl.exp(a)
+        # p_i = 0 (x = -inf, incl. outside the row) adds 0, not 0 * inf = NaN. q_i = 0 under p_i > 0 adds
         # +inf explicitly, because e_x may have underflowed to 0 even though p_i > 0 mathematically.
-        term = tl.where(x == float("-inf"), 0.0,
-                        tl.where(y == float("-inf"), float("inf"), e_x * ((x - y) * inv_temp)))
+        term = tl.where(x == float("-inf"), 0.0, tl.where(y == float("-inf"), float("inf"), e_x * (a - b)))
+        # with the new maxima, the u of the columns seen so far moves by (sh_y - m_y)/T - (sh_x - m_x)/T; s_x == 0
+        # (no finite x yet) means there is nothing to move, and the where keeps -inf - -inf out
+        moved = tl.where(s_x > 0, s_x * ((sh_y - m_y) * inv_temp - (sh_x - m_x) * inv_temp), 0.0)
+        acc = (acc + moved) * alpha_x + tl.sum(term, axis=0)
         s_x = s_x * alpha_x + tl.sum(e_x, axis=0)
-        s_y = s_y * alpha_y + tl.sum(e_y, axis=0)
-        acc = acc * alpha_x + tl.sum(term, axis=0)
+        s_y = s_y * alpha_y + tl.sum(tl.exp(b), axis=0)
         m_x = m_x_new
         m_y = m_y_new
     # A NaN input reaches s_x or s_y through exp(NaN) even where max() skips NaNs, so KL is NaN too.
-    log_s_x = tl.log(s_x)
-    log_s_y = tl.log(s_y)
-    # Grouped so the two O(|logits|) maxima cancel first: with |x|, |y| ~ 1e4, (m_x + log s_x) rounded
-    # on its own would cost ~1e-3 of absolute error in a KL that may be ~1e-6.
-    mean = acc / s_x                               # E_p[x - y] / T, kept for the backward
-    kl = mean - (m_x - m_y) * inv_temp - (log_s_x - log_s_y)
+    mean = acc / s_x                               # E_p[u], kept for the backward
+    kl = mean - tl.log(s_x / s_y)
     tl.store(kl_ptr + row, kl)
     tl.store(mean_ptr + row, mean)
     tl.store(max_x_ptr + row, m_x)
-    tl.store(logs_x_ptr + row, log_s_x)
+    tl.store(logs_x_ptr + row, tl.log(s_x))
     tl.store(max_y_ptr + row, m_y)
-    tl.store(logs_y_ptr + row, log_s_y)
+    tl.store(logs_y_ptr + row, tl.log(s_y))
 
 
 # Backward. With a_i = log p_i = x_i/T - lse_p, b_i = log q_i = y_i/T - lse_q, KL = sum_j p_j (a_j - b_j):
 #   d a_j / d x_i = (delta_ij - p_i) / T,   d p_j / d x_i = p_j (delta_ij - p_i) / T,   d b_j / d y_i likewise
 #   dKL/dx_i = sum_j p_j (delta_ij - p_i)(a_j - b_j)/T + sum_j p_j (delta_ij - p_i)/T
 #            = p_i (a_i - b_i - KL) / T             (the second sum is (p_i - p_i)/T = 0)
-#            = p_i ((x_i - y_i)/T - E_p[x - y]/T) / T   (a_i - b_i - KL: both lse cancel)
+#            = p_i (u_i - E_p[u]) / T               (a_i - b_i = u_i - log(s_x / s_y), the constant cancels)
 #   dKL/dy_i = -sum_j p_j (delta_ij - q_i) / T = (q_i - p_i) / T
-# The last form of dKL/dx avoids lse_p - lse_q - KL, a difference of numbers of the size of the logits:
-# with |logits| ~ 1e4 it would lose ~1e-3 of absolute accuracy in every p_i-weighted term.
-# Both need p and q, so both logits are read once; each requested gradient is written once, in the
-# input dtype, scaled by the upstream gradient g of that row.
+# with u_i = (x_i - m_x)/T - (y_i - m_y)/T as in the forward. The last form of dKL/dx avoids lse_p - lse_q - KL,
+# a difference of numbers of the size of the logits: with |logits| ~ 1e4 it would lose ~1e-3 of absolute accuracy
+# in every p_i-weighted term. Both need p and q, so both logits are read once; each requested gradient is written
+# once, in the input dtype, scaled by the upstream gradient g of that row.
 @triton.jit
-def _kl_bwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b, n_inner, dx_ptr, dx_stride,
-                   dy_ptr, dy_stride, dkl_ptr, dkl_stride, mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr,
-                   n_cols, inv_temp, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, BLOCK: tl.constexpr):
+def _kl_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_shift_a, y_shift_b, n_inner, dx_ptr,
+                   dx_shift_0, dx_shift_a, dx_shift_b, dy_ptr, dy_shift_0, dy_shift_a, dy_shift_b, dkl_ptr, dkl_stride,
+                   mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr, n_cols, inv_temp, NEED_DX: tl.constexpr,
+                   NEED_DY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
-    x_ptr += (row // n_inner) * x_stride_a + (row % n_inner) * x_stride_b
-    y_ptr += (row // n_inner) * y_stride_a + (row % n_inner) * y_stride_b
-    dx_ptr += row * dx_stride
-    dy_ptr += row * dy_stride
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    # from here on each row is ptr[head : end], as in the forward
+    x_ptr += first
+    y_ptr += first + _rows.offset(row, n_inner, y_shift_0, y_shift_a, y_shift_b)
+    dx_ptr += first + _rows.offset(row, n_inner, dx_shift_0, dx_shift_a, dx_shift_b)
+    dy_ptr += first + _rows.offset(row, n_inner, dy_shift_0, dy_shift_a, dy_shift_b)
+    end = head + n_cols
     g = tl.load(dkl_ptr + row * dkl_stride) * inv_temp
     mean = tl.load(mean_ptr + row)
     m_x = tl.load(max_x_ptr + row)
     log_s_x = tl.load(logs_x_ptr + row)
     m_y = tl.load(max_y_ptr + row)
     log_s_y = tl.load(logs_y_ptr + row)
-    cols = tl.arange(0, BLOCK)
-    for off in range(0, n_cols, BLOCK):
-        mask = off + cols < n_cols
-        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)  # raw, as in the forward
-        y = tl.load(y_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        p = tl.exp((x - m_x) * inv_temp - log_s_x)
+    for off in range(0, end, BLOCK):
+        x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)  # raw, as in the forward
+        y = _rows.load_chunk(y_ptr, off, head, end, BLOCK)
+        a = (x - m_x) * inv_temp  # log p + log s_x
+        b = (y - m_y) * inv_temp  # log q + log s_y
+        p = tl.exp(a - log_s_x)
         if NEED_DX:
             # p_i = 0 has zero gradient; unmasked it would be 0 * (-inf - ...) = NaN
-            dx = tl.where(x == float("-inf"), 0.0, p * ((x - y) * inv_temp - mean)) * g
-            tl.store(dx_ptr + off + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx = tl.where(a == float("-inf"), 0.0, p * ((a - b) - mean)) * g
+            _rows.store_chunk(dx_ptr, off, head, end, dx, BLOCK)
         if NEED_DY:
-            dy = (tl.exp((y - m_y) * inv_temp - log_s_y) - p) * g
-            tl.store(dy_ptr + off + cols, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+            _rows.store_chunk(dy_ptr, off, head, end, (tl.exp(b - log_s_y) - p) * g, BLOCK)
 
 
 # -----------------------------------------------------------------------------
@@ -169,7 +179,8 @@ def _kl_bwd_kernel(x_ptr, x_stride_a, x_stride_b, y_ptr, y_stride_a, y_stride_b,
 
 def _kl_forward(x3, y3, temperature, block):
     """x3, y3 (A, B, V) with unit last stride (N = A * B rows) -> kl (N,) fp32 and the backward's five (N,) fp32
-    row statistics: E_p[x - y]/T, max x, log sum exp((x - max x)/T), and the same two for y."""
+    row statistics: E_p[u] with u = (x - max x)/T - (y - max y)/T, max x, log sum exp((x - max x)/T), and the same
+    two for y."""
     A, B, V = x3.shape
     N = A * B
     assert y3.shape == x3.shape, f"ref_logits rows {tuple(y3.shape)} != logits rows {tuple(x3.shape)}"
@@ -178,7 +189,7 @@ def _kl_forward(x3, y3, temperature, block):
     stats = [_dispatch.empty(N, dtype=torch.float32, device=x3.device) for _ in range(5)]
     if N > 0:
         BLOCK, num_warps = launch_config(V, block)
-        _kl_fwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), B, kl, *stats, V,
+        _kl_fwd_kernel[(N,)](*_rows.addressing(x3), *_rows.addressing_like(y3, x3), B, kl, *stats, V,
                              1.0 / temperature, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_kl_fwd"] += 1
     return kl, stats
@@ -186,19 +197,21 @@ def _kl_forward(x3, y3, temperature, block):
 
 def _kl_backward(x3, y3, dkl, stats, temperature, block, need_dx, need_dy):
     """dkl (N,) (any stride, e.g. 0 when expanded from a sum) -> dx, dy (A, B, V) in the inputs' dtype, each
-    None unless needed."""
+    None unless needed; both laid out in step with x3, so that they share its rows' 16-byte phase."""
     A, B, V = x3.shape
     N = A * B
     assert dkl.shape == (N,), f"dkl shape {tuple(dkl.shape)} != ({N},)"
-    # contiguous: row r at r * V
-    dx = _dispatch.empty(A, B, V, dtype=x3.dtype, device=x3.device) if need_dx else None
-    dy = _dispatch.empty(A, B, V, dtype=y3.dtype, device=y3.device) if need_dy else None
+    # laid out in step with x3 (contiguous when it is, see _rows.grad_rows)
+    dx = _rows.grad_rows(x3, x3.dtype) if need_dx else None
+    dy = _rows.grad_rows(x3, y3.dtype) if need_dy else None
     if N > 0:
         BLOCK, num_warps = launch_config(V, block)
         # a gradient nobody needs is compiled out (constexpr); the other buffer stands in for its pointer
-        _kl_bwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), B,
-                             dx if need_dx else dy, V, dy if need_dy else dx, V, dkl, dkl.stride(0), *stats, V,
-                             1.0 / temperature, NEED_DX=need_dx, NEED_DY=need_dy, BLOCK=BLOCK, num_warps=num_warps)
+        dx_args = _rows.addressing_like(dx if need_dx else dy, x3)
+        dy_args = _rows.addressing_like(dy if need_dy else dx, x3)
+        _kl_bwd_kernel[(N,)](*_rows.addressing(x3), *_rows.addressing_like(y3, x3), B, *dx_args, *dy_args, dkl,
+                             dkl.stride(0), *stats, V, 1.0 / temperature, NEED_DX=need_dx, NEED_DY=need_dy,
+                             BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_kl_bwd"] += 1
     return dx, dy
 
@@ -233,6 +246,6 @@ def token_kl(logits, ref_logits, *, temperature=1.0, _block=None):
     if not _dispatch.use_kernel(logits):
         return token_kl_ref(logits, ref_logits, temperature=temperature)
     _validate(logits, ref_logits, temperature)
-    x3, y3 = _dispatch.as_rows(logits), _dispatch.as_rows(ref_logits)  # (A, B, V) each, usually views
+    x3, y3 = _rows.as_rows(logits), _rows.as_rows(ref_logits)  # (A, B, V) each, usually views
     kl = _TokenKL.apply(x3, y3, float(temperature), _block)  # (N,)
     return kl.view(logits.shape[:-1])

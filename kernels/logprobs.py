@@ -24,8 +24,9 @@ import math
 
 import torch
 
-from kernels import _dispatch
-from kernels._dispatch import check_indices, check_logits, launch_config, tl, triton
+from kernels import _dispatch, _rows
+from kernels._dispatch import check_indices, check_logits, tl, triton
+from kernels._rows import launch_config
 
 
 # -----------------------------------------------------------------------------
@@ -56,23 +57,21 @@ def _validate(logits, tokens, temperature):
 # Triton kernels: one program per row
 
 @triton.jit
-def _logprobs_fwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, t_ptr, logp_ptr, ent_ptr, max_ptr, logd_ptr,
-                         n_cols, inv_temp, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
-    # row r of the (A, B, V) view is (r // n_inner, r % n_inner) (see _dispatch.as_rows). int64 because with
-    # N = 32k tokens and V = 128k the offset passes 2**31: an int32 product wraps negative and reads memory
-    # before the tensor (the bug DeepSpeed PR #8591 fixed in its Triton kernels)
+def _logprobs_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, t_ptr, logp_ptr, ent_ptr, max_ptr,
+                         logd_ptr, n_cols, inv_temp, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    # int64 because with N = 32k tokens and V = 128k the offset passes 2**31: an int32 product wraps negative and
+    # reads memory before the tensor (the bug DeepSpeed PR #8591 fixed in its Triton kernels)
     row = tl.program_id(0).to(tl.int64)
-    x_ptr += (row // n_inner) * x_stride_a + (row % n_inner) * x_stride_b
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    x_ptr += first  # the row is x_ptr[head : end], walked in chunks whose inner ones start on 16-byte boundaries
+    end = head + n_cols
     t = tl.load(t_ptr + row)
-    cols = tl.arange(0, BLOCK)
 
     m = tl.zeros([], dtype=tl.float32) + float("-inf")  # running max of the raw logits
     d = tl.zeros([], dtype=tl.float32)  # sum_j exp(u_j), u_j = (x_j - m) / T
     s = tl.zeros([], dtype=tl.float32)  # sum_j exp(u_j) u_j
-    for off in range(0, n_cols, BLOCK):
-        mask = off + cols < n_cols
-        # the tail past V pads with -inf, not 0: a 0 would add exp(0 - m) per phantom column to d (verl PR #5349)
-        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    for off in range(0, end, BLOCK):  # kernels/_rows.py
+        x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)  # -inf outside the row
         # m tracks the max of the raw logits and the difference is scaled afterwards: (x - m) is exact for
         # nearby values, whereas x / T rounded at |x| ~ 1e4 would already be off by ~1e-3 before subtracting
         m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -91,7 +90,7 @@ def _logprobs_fwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, t_ptr, logp_ptr
     logd = tl.log(d)
 
     # masked so that an out-of-range token (CUDA reports it asynchronously) never reads outside the row
-    x_t = tl.load(x_ptr + t, mask=(t >= 0) & (t < n_cols), other=0.0).to(tl.float32)
+    x_t = tl.load(x_ptr + head + t, mask=(t >= 0) & (t < n_cols), other=0.0).to(tl.float32)
     tl.store(logp_ptr + row, (x_t - m) * inv_temp - logd)
     if ENTROPY:
         tl.store(ent_ptr + row, logd - s / d)
@@ -107,13 +106,16 @@ def _logprobs_fwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, t_ptr, logp_ptr
 #   => d / d x_i = ( g ([i == t] - p_i) - h p_i (log p_i + H) ) / T
 # with p_i (log p_i + H) := 0 where p_i = 0 (a -inf logit), the limit of p log p.
 @triton.jit
-def _logprobs_bwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_stride, t_ptr, dlogp_ptr, dlogp_stride,
-                         dent_ptr, dent_stride, ent_ptr, max_ptr, logd_ptr, n_cols, inv_temp,
-                         HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr, BLOCK: tl.constexpr):
+def _logprobs_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_shift_0, dx_shift_a,
+                         dx_shift_b, t_ptr, dlogp_ptr, dlogp_stride, dent_ptr, dent_stride, ent_ptr, max_ptr, logd_ptr,
+                         n_cols, inv_temp, HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
-    x_ptr += (row // n_inner) * x_stride_a + (row % n_inner) * x_stride_b
-    dx_ptr += row * dx_stride
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    x_ptr += first  # the row is x_ptr[head : end] (see forward), and dx's is dx_ptr[head : end]
+    dx_ptr += first + _rows.offset(row, n_inner, dx_shift_0, dx_shift_a, dx_shift_b)
+    end = head + n_cols
     t = tl.load(t_ptr + row)
+    t_col = head + t.to(tl.int32)  # the token's column in the chunk grid (int32, as in cross_entropy.py)
     m = tl.load(max_ptr + row)
     logd = tl.load(logd_ptr + row)
     g = tl.zeros([], dtype=tl.float32)
@@ -124,17 +126,14 @@ def _logprobs_bwd_kernel(x_ptr, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_stri
     if HAS_DENT:
         h = tl.load(dent_ptr + row * dent_stride)
         H = tl.load(ent_ptr + row)
-    cols = tl.arange(0, BLOCK)
-    for off in range(0, n_cols, BLOCK):
-        mask = off + cols < n_cols
-        x = tl.load(x_ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    for off in range(0, end, BLOCK):
+        x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)
         logp = (x - m) * inv_temp - logd
         p = tl.exp(logp)
-        dy = tl.where(off + cols == t, g, 0.0) - g * p
+        dy = tl.where(tl.arange(0, BLOCK) == t_col - off, g, 0.0) - g * p
         if HAS_DENT:
             dy -= h * p * tl.where(p > 0, logp + H, 0.0)
-        dx = dy * inv_temp
-        tl.store(dx_ptr + off + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        _rows.store_chunk(dx_ptr, off, head, end, dy * inv_temp, BLOCK)
 
 
 # -----------------------------------------------------------------------------
@@ -155,26 +154,27 @@ def _logprobs_forward(x3, t, temperature, entropy):
     if N > 0:
         BLOCK, num_warps = launch_config(V)
         # without entropy the ENTROPY=False kernel never touches ent_ptr; logp stands in for the pointer
-        _logprobs_fwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), B, t, logp, ent if entropy else logp, row_max,
-                                   row_logd, V, 1.0 / temperature, ENTROPY=entropy, BLOCK=BLOCK,
-                                   num_warps=num_warps)
+        _logprobs_fwd_kernel[(N,)](*_rows.addressing(x3), B, t, logp, ent if entropy else logp, row_max, row_logd,
+                                   V, 1.0 / temperature, ENTROPY=entropy, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_logprobs_fwd"] += 1
     return logp, ent, row_max, row_logd
 
 
 def _logprobs_backward(x3, t, dlogp, dent, ent, row_max, row_logd, temperature):
-    """dlogp, dent (N,) or None (any stride) -> dx (A, B, V) in x3's dtype."""
+    """dlogp, dent (N,) or None (any stride) -> dx (A, B, V) in x3's dtype, laid out in step with x3
+    (see _rows.grad_rows)."""
     A, B, V = x3.shape
     N = A * B
-    dx = _dispatch.empty(A, B, V, dtype=x3.dtype, device=x3.device)  # contiguous: row r at r * V
+    dx = _rows.grad_rows(x3, x3.dtype)  # contiguous when x3 is
     if N > 0:
         BLOCK, num_warps = launch_config(V)
         # a missing gradient's term is compiled out (constexpr); row_max stands in for its pointers, never read
         has_dlogp, has_dent = dlogp is not None, dent is not None
         dlogp = dlogp if has_dlogp else row_max
         dent, ent = (dent, ent) if has_dent else (row_max, row_max)
-        _logprobs_bwd_kernel[(N,)](x3, x3.stride(0), x3.stride(1), B, dx, V, t, dlogp, dlogp.stride(0), dent,
-                                   dent.stride(0), ent, row_max, row_logd, V, 1.0 / temperature,
+        _logprobs_bwd_kernel[(N,)](*_rows.addressing(x3), B, *_rows.addressing_like(dx, x3), t, dlogp,
+                                   dlogp.stride(0), dent, dent.stride(0), ent, row_max, row_logd, V,
+                                   1.0 / temperature,
                                    HAS_DLOGP=has_dlogp, HAS_DENT=has_dent, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_logprobs_bwd"] += 1
     return dx
@@ -211,7 +211,7 @@ def token_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False):
     if not _dispatch.use_kernel(logits):
         return token_logprobs_ref(logits, tokens, temperature=temperature, return_entropy=return_entropy)
     _validate(logits, tokens, temperature)
-    x3 = _dispatch.as_rows(logits)  # (A, B, V), usually a view of logits
+    x3 = _rows.as_rows(logits)  # (A, B, V), usually a view of logits
     t = tokens.reshape(-1).long().contiguous()  # (N,)
     out = _TokenLogprobs.apply(x3, t, float(temperature), bool(return_entropy))
     if return_entropy:

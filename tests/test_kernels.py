@@ -15,12 +15,16 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import _dispatch
+from kernels import _dispatch, _rows
 
 assert _dispatch.INTERPRET, "tests/conftest.py must set TRITON_INTERPRET=1 before anything imports triton"
 
 # dtype -> (atol, rtol) for the forward (fp32 outputs, computed from the same rounded inputs, so only fp32
-# accumulation error) and for the gradient (stored in the logits' dtype: one rounding, 2**-8 for bf16)
+# accumulation error) and for the gradient (stored in the logits' dtype: one rounding). bf16's 8e-3 is one whole bf16
+# step (2**-7), not half of one: Triton 3.9's interpreter converts fp32 -> bf16 by truncating the mantissa, where
+# compiled Triton rounds to nearest even (cvt.rn.bf16.f32, checked by tests/test_kernels_compile.py), so a bf16
+# gradient here can be one step below what the GPU writes. tests/test_kernels_gpu.py holds the compiled kernels to
+# half a step (2**-8). fp16 conversions round to nearest in both.
 TOL = {
     torch.float32: dict(fwd=(2e-5, 2e-5), grad=(1e-6, 1e-4)),
     torch.bfloat16: dict(fwd=(2e-5, 2e-5), grad=(1e-5, 8e-3)),
@@ -300,7 +304,7 @@ def test_strided_views_without_copy(make):
     # row stride != V, and logits[:, :-1] (whose (B, T-1) rows cannot share one stride): both are views
     V = 1000
     x = make(torch.randn(3, 4, V + 5))
-    x3 = _dispatch.as_rows(x)
+    x3 = _rows.as_rows(x)
     assert x3.data_ptr() == x.data_ptr() and x3.stride() == x.stride()
     t = torch.randint(0, V, x.shape[:-1])
     check_ce(x, t, reduction="none", label_smoothing=0.1)
@@ -332,12 +336,33 @@ def test_offsets_past_2_31():
     assert proc.returncode == 0 and "ok" in proc.stdout, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
 
 
+def test_rows_addressed_from_16_byte_boundaries():
+    # kernels/_rows.py: each kernel gets the logits' address rounded down to 16 bytes plus an element offset, and
+    # addresses the reference logits and the gradient by shifts from the logits' row offsets; every shift must be
+    # a multiple of 16 for the compiler to prove them in phase. Contiguous logits get a contiguous gradient.
+    def slices(make):
+        return [make(4, 1001), make(2, 9, 1001)[:, 3:-1], make(3, 4, 1010)[1:, :, 2:-7], make(5, 1003)[:, 1:]]
+    for x, y in zip(slices(lambda *s: torch.empty(*s, dtype=torch.bfloat16)),
+                    slices(lambda *s: torch.empty(*s, dtype=torch.bfloat16))):
+        x3, y3 = _rows.as_rows(x), _rows.as_rows(y)
+        x_ptr, x_start, stride_a, stride_b = _rows.addressing(x3)
+        assert x_ptr.data_ptr() % 16 == 0 and x_ptr.data_ptr() + 2 * x_start == x3.data_ptr()
+        assert (stride_a, stride_b) == x3.stride()[:2]
+        assert _rows.addressing_like(y3, x3)[1:] == (0, 0, 0)
+        dx = _rows.grad_rows(x3, torch.bfloat16)
+        dx_ptr, *shifts = _rows.addressing_like(dx, x3)
+        assert dx.shape == x3.shape and dx_ptr.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in shifts)
+        assert dx.is_contiguous() == x3.is_contiguous()
+        A, B, V = x3.shape
+        assert 0 <= dx.stride(1) - V < 16 and 0 <= dx.stride(0) - B * dx.stride(1) < 16
+
+
 def test_layouts_that_copy():
     V = 300
     t = torch.randint(0, V, (3, 2, 2))
     # three leading dims whose outer two cannot merge, and a last stride != 1: as_rows copies, values still right
     x = torch.randn(2, 3, 2, V).transpose(0, 1)
-    assert _dispatch.as_rows(x).data_ptr() != x.data_ptr()
+    assert _rows.as_rows(x).data_ptr() != x.data_ptr()
     check_ce(x, t, reduction="none", z_loss=1e-3)
     check_logprobs(x, t)
     x = torch.randn(V, 3, 2, 2).permute(1, 2, 3, 0)
