@@ -129,37 +129,6 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-# GPT-2's GELU, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3) (Hendrycks & Gimpel 2016), written as
-# x * sigmoid(2u), since (1 + tanh(u)) / 2 = sigmoid(2u): torch's CPU tanh is ~6x slower than its sigmoid (1.3 vs
-# 0.2 ms on 0.5M floats, one thread), and F.gelu(approximate="tanh") pays it forward and backward. With s =
-# sigmoid(z), z = 2u = x (A + B x^2):  d/dx [x s] = s + x s (1 - s) (A + 3 B x^2).
-GELU_A = 2 * math.sqrt(2 / math.pi)  # dz/dx at 0
-GELU_B = GELU_A * 0.044715
-
-
-class _GeluTanh(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        s = (x * x).mul_(GELU_B).add_(GELU_A).mul_(x).sigmoid_()  # sigmoid(z)
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, s = ctx.saved_tensors
-        dz = torch.ops.aten.sigmoid_backward(grad * x, s)  # grad * x * s (1 - s)
-        return dz.mul_((x * x).mul_(3 * GELU_B).add_(GELU_A)).addcmul_(grad, s)
-
-
-def gelu_tanh(x):
-    """F.gelu(x, approximate="tanh"), through sigmoid (above) when training on CPU: to float32 rounding, 1.3% of a
-    pretraining step faster. Without gradients (sampling, one token at a time) torch's single op beats six small
-    ones, and on other devices its fused kernel beats six passes, so both keep it."""
-    if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
-        return _GeluTanh.apply(x)
-    return F.gelu(x, approximate="tanh")
-
-
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -169,7 +138,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
