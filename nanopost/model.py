@@ -60,8 +60,8 @@ class KVCache:
 
 def rotary_angles(pos, head_size, base=10000.0):
     """Rotary tables for positions pos (B, T) (Su et al. 2021): cos and sin of pos * base^(-2i/hs), i < hs/2, each
-    repeated over both halves of a head, the sin negated on the first half, as (B, T, 1, hs) each, so rotate() runs
-    on whole contiguous rows. Built once per forward and shared by every layer and head."""
+    repeated over both halves of a head, the sin negated on the first half, as (B, T, 1, hs) each, so rotate() works
+    on whole rows of a (B, T, nh, hs) tensor. Built once per forward and shared by every layer and head."""
     inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=pos.device) / head_size)
     angles = pos[:, :, None, None].float() * inv_freq  # (B, T, 1, hs/2)
     cos, sin = angles.cos(), angles.sin()
@@ -112,12 +112,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, attn_mask, kv_cache, layer):
         B, T, C = x.size()
-        qk, v = self.c_attn(x).split([2 * C, C], dim=2)
-        qk = qk.view(B, T, 2 * self.n_head, C // self.n_head)  # (B, T, 2 nh, hs): queries, then keys
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=2))  # (B,T,nh,hs)
         if rope is not None:
-            qk = rotate(qk, *rope)  # one call for q and k; the cache stores rotated keys (their position never changes)
-        q, k = qk.transpose(1, 2).split(self.n_head, dim=1)  # (B, nh, T, hs) each
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            q, k = rotate(q, *rope), rotate(k, *rope)  # the cache stores rotated keys: a key's position never changes
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
         dropout_p = self.dropout if self.training else 0.0

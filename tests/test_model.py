@@ -181,7 +181,7 @@ def test_hidden_feeds_a_scalar_head_and_weights_are_tied():
 
 
 def test_rotate_equals_float64_forward_and_backward():
-    # q and k of every head in one (B, T, 2 nh, hs) call, positions as a padded batch gives them (B, T); the float64
+    # the (B, T, nh, hs) layout attention rotates, positions as a padded batch gives them (B, T); the float64
     # reference rotates each pair (x[i], x[i + hs/2]) by the same float32 angles, as the model always has
     B, T, H, hs = 3, 7, 6, 10
     x = torch.randn(B, T, H, hs, requires_grad=True)
