@@ -239,7 +239,8 @@ def sample_worker(clock, folder, prompts_file, warmup, calls):
     model.eval()
     with open(prompts_file) as f:
         prompts = json.load(f)
-    eot, timer, times = from_checkpoint(ckpt, folder).eot_id, time.process_time if clock == "cpu" else time.perf_counter, []
+    eot, times = from_checkpoint(ckpt, folder).eot_id, []
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     for _ in range(warmup + calls):
         t0 = timer()
         tokens, mask, _ = model.generate(prompts, SAMPLE["new_tokens"], temperature=0, eos_id=eot, pad_id=eot)
@@ -342,7 +343,8 @@ def find_peers(cfg, python, work):
         rev = subprocess.run(["git", "-C", cfg.nanogpt, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         found["nanoGPT"] = dict(nanoGPT=rev.stdout.strip() if rev.returncode == 0 else "(not a git checkout)")
     for name, modules in (("transformers", "transformers, tokenizers"), ("trl", "trl, datasets, transformers")):
-        code = f"import json, torch, {modules}\nprint(json.dumps(dict(torch=torch.__version__, {name}={name}.__version__)))"
+        code = (f"import json, torch, {modules}\n"
+                f"print(json.dumps(dict(torch=torch.__version__, {name}={name}.__version__)))")
         try:
             found[name] = peer(python, code, [], work, f"import {modules}")
         except (RuntimeError, OSError) as e:
