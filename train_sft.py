@@ -124,7 +124,7 @@ class Config:
     n_head: int = knob(GPTConfig.n_head, "attention heads", ge=1)
     n_embd: int = knob(GPTConfig.n_embd, "embedding width (a multiple of 2 * n_head: rotary pairs)", ge=2)
     block_size: int = knob(GPTConfig.block_size, "context length in tokens", ge=2)
-    pos_emb: str = knob(GPTConfig.pos_emb, "positions: rope (rotary) | learned (GPT-2's table: nanoGPT's model)",
+    pos_emb: str = knob(GPTConfig.pos_emb, "positions: rope (rotary) | learned (GPT-2's table, as nanoGPT's)",
                         choices=("rope", "learned"))
     dropout: float = knob(GPTConfig.dropout, "dropout probability (0: too few steps to overfit)", ge=0, lt=1)
     # logging and evaluation
