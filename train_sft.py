@@ -128,6 +128,8 @@ class Config:
     n_head: int = knob(GPTConfig.n_head, "attention heads", ge=1)
     n_embd: int = knob(GPTConfig.n_embd, "embedding width (a multiple of 2 * n_head: rotary pairs)", ge=2)
     block_size: int = knob(GPTConfig.block_size, "context length in tokens", ge=2)
+    pos_emb: str = knob(GPTConfig.pos_emb, "positions: rope (rotary) | learned (GPT-2's table, as nanoGPT's)",
+                        choices=("rope", "learned"))
     dropout: float = knob(GPTConfig.dropout, "dropout probability (0: too few steps to overfit)", ge=0, lt=1)
     # logging and evaluation
     log_interval: int = knob(10, "print and log the training loss every this many steps", ge=1)
@@ -145,7 +147,7 @@ class Config:
 
 # a resume may change any other knob (max_iters, learning rates, intervals, coefficients); these define the run
 RUN_DEFINING = ("data", "seed", "world_seed", "tokenizer", "batch_size", "grad_accum", "n_layer", "n_head", "n_embd",
-                "block_size", "dropout", "lr_decay_iters", "too_long")
+                "block_size", "pos_emb", "dropout", "lr_decay_iters", "too_long")
 
 # knobs left at -1 (or "") take these. pretrain: 2400 small steps rather than 600 of 32 sequences (the same 2.5M
 # tokens): with batch 16 x 1200 the base copied the target into "a-b=N" 86% of the time (teacher-forced), with
@@ -212,9 +214,11 @@ def main(argv):
         raise UserError(f"--packing=true --data={cfg.data}: packing is for conversations (pretraining windows have "
                         f"no padding to remove; a reward model reads each pair's last token)")
     snapshots = parse_steps(cfg.snapshot_steps, "snapshot_steps")
-    if ckpt is None and (cfg.n_embd % (2 * cfg.n_head)):
+    if ckpt is None and cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd={cfg.n_embd} --n_head={cfg.n_head}: n_embd must be a multiple of n_head")
+    if ckpt is None and cfg.pos_emb == "rope" and (cfg.n_embd // cfg.n_head) % 2:
         raise UserError(f"--n_embd={cfg.n_embd} --n_head={cfg.n_head}: the head size n_embd/n_head must be even "
-                        f"(rotary positions rotate pairs of channels)")
+                        f"(rotary positions rotate pairs of channels; --pos_emb=learned does not)")
     if cfg.init_optimizer and not resume and (ckpt or {}).get("script") != "train_sft.py":
         raise UserError(f"--init_optimizer=true: --init_from={cfg.init_from} is not a train_sft.py checkpoint, so "
                         f"it holds no AdamW state of this script's")
@@ -237,7 +241,7 @@ def main(argv):
     if ckpt is None:
         tok = get_tokenizer(cfg.tokenizer)
         model_args = asdict(GPTConfig(block_size=cfg.block_size, vocab_size=tok.vocab_size, n_layer=cfg.n_layer,
-                                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+                                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, pos_emb=cfg.pos_emb))
         model = build_model(model_args)
     else:
         model_args = ckpt["model_args"]
@@ -250,7 +254,7 @@ def main(argv):
         if model_args["vocab_size"] < tok.vocab_size:
             raise UserError(f"{path}: the model has {model_args['vocab_size']} token embeddings but tokenizer "
                             f"{tok.name!r} has {tok.vocab_size} tokens")
-        print0(f"loaded {path} (step {ckpt.get('step')}); its shape overrides n_layer/n_head/n_embd/block_size")
+        print0(f"loaded {path} (step {ckpt.get('step')}); its shape overrides n_layer/n_head/n_embd/block_size/pos_emb")
     if stage == "reward" and not isinstance(model, RewardModel):
         model = RewardModel(model)  # the trunk of the base or SFT model (or a scratch one) and a zero-init head
     model.to(rt.device)
@@ -364,7 +368,7 @@ def main(argv):
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                  fused=rt.device_type == "cuda")
+                                  fused=True)  # one kernel for all params, on CPU as on CUDA
     step = 0
     if resume or cfg.init_optimizer:
         optimizer.load_state_dict(ckpt["optimizer"])  # the lr is set again every step, from the schedule

@@ -59,16 +59,44 @@ class KVCache:
 
 
 def rotary_angles(pos, head_size, base=10000.0):
-    """cos and sin of the rotary angles pos * base^(-2i/hs), i < hs/2, as (B, 1, T, hs/2) each (Su et al. 2021)."""
+    """Rotary tables for positions pos (B, T) (Su et al. 2021): cos and sin of pos * base^(-2i/hs), i < hs/2, each
+    repeated over both halves of a head, the sin negated on the first half, as (B, T, 1, hs) each, so rotate() works
+    on whole rows of a (B, T, nh, hs) tensor. Built once per forward and shared by every layer and head."""
     inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=pos.device) / head_size)
-    angles = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, hs/2)
-    return angles.cos(), angles.sin()
+    angles = pos[:, :, None, None].float() * inv_freq  # (B, T, 1, hs/2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (B, T, 1, hs) each
+
+
+def _rotate(x, cos, sin):
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): one full-width multiply, then each half adds the other half
+    # times its sin in place. No concatenation of strided halves, which cost more than the arithmetic.
+    h = x.size(-1) // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin[..., :h])
+    out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    # a rotation's Jacobian is the rotation by the opposite angle, so the backward is the same op with sin negated:
+    # nothing but the tables is saved, and autograd records one node instead of five
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
 
 
 def rotate(x, cos, sin):
-    """Rotate each pair (x[i], x[i + hs/2]) of a (B, nh, T, hs) tensor by its position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    """Rotate each pair (x[i], x[i + hs/2]) of x (..., hs) by its position's angle; cos, sin from rotary_angles,
+    broadcastable to x. Computed in float32 (the tables' dtype) and returned in x's dtype."""
+    out = _Rotate.apply(x.to(cos.dtype), cos, sin) if torch.is_grad_enabled() else _rotate(x.to(cos.dtype), cos, sin)
+    return out.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -84,12 +112,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, attn_mask, kv_cache, layer):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=2))  # (B,T,nh,hs)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)  # the cache stores rotated keys: a key's position never changes
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
         dropout_p = self.dropout if self.training else 0.0

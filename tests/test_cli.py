@@ -25,7 +25,10 @@ BAD_KNOBS = [  # (script, arguments, the whole message)
     ("sft", ["--dropout=1.5"], "--dropout=1.5: must be < 1"),
     ("sft", ["--dtype=float16"], "--dtype=float16: expected one of bfloat16, float32"),
     ("sft", ["--n_embd=12", "--n_head=4"], "--n_embd=12 --n_head=4: the head size n_embd/n_head must be even "
-                                           "(rotary positions rotate pairs of channels)"),
+                                           "(rotary positions rotate pairs of channels; --pos_emb=learned does not)"),
+    ("sft", ["--n_embd=10", "--n_head=4", "--pos_emb=learned"], "--n_embd=10 --n_head=4: n_embd must be a multiple "
+                                                                "of n_head"),
+    ("sft", ["--pos_emb=alibi"], "--pos_emb=alibi: expected one of rope, learned"),
     ("sft", ["--max_iters=ten"], "--max_iters=ten: expected int"),
     ("sft", ["--batch_siz=4"], "unknown knob --batch_siz (see --help for the list)"),
     ("sft", ["--device=tpu"], "--device=tpu: expected auto, cpu, cuda or cuda:N"),

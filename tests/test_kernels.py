@@ -178,6 +178,31 @@ def test_references(dtype):
     assert sum(_dispatch.launches.values()) == before
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_path(monkeypatch, dtype):
+    # what CPU training runs without the interpreter: torch's fused cross-entropy for float32 without z_loss, the
+    # reference otherwise; against the float64 oracle with ignored targets, label smoothing, -inf logits, odd V
+    monkeypatch.setattr(_dispatch, "INTERPRET", False)
+    x = torch.randn(2, 3, 1001, dtype=dtype) * 3
+    x[0, 1, :500] = float("-inf")
+    t = rand_targets((2, 3), 1001, ignore_frac=0.3)
+    t[0, 1] = 700
+    before = sum(_dispatch.launches.values())
+    for reduction in ["mean", "sum", "none"]:
+        check_ce(x, t, reduction=reduction)
+        check_ce(x, t, reduction=reduction, z_loss=1e-3)
+        t1 = t[1].clamp(min=0)  # another ignore_index: the first target's value
+        check_ce(x[1], t1, reduction=reduction, label_smoothing=0.1, ignore_index=t1[0].item())
+    check_ce(torch.randn(5, 1, dtype=dtype), torch.zeros(5, dtype=torch.long))  # V = 1
+    loss, _ = check_ce(x[:, :2], t[:, :2])  # a strided view
+    torch.testing.assert_close(kernels.cross_entropy(x[:, :2], t[:, :2].int()), loss, atol=0, rtol=0)  # int32
+    for reduction in ["mean", "none"]:  # every target ignored: mean 0 (not NaN), zero gradient
+        check_ce(x, torch.full_like(t, -100), reduction=reduction)
+    assert sum(_dispatch.launches.values()) == before
+    with pytest.raises(ValueError, match=r"targets\[1\] = 7 is out of range"):
+        kernels.cross_entropy(torch.randn(2, 7), torch.tensor([0, 7]))
+
+
 def test_poisoned_allocation():
     assert _dispatch.empty(2, 3, dtype=torch.bfloat16, device="cpu").isnan().all()
 

@@ -178,3 +178,38 @@ def test_hidden_feeds_a_scalar_head_and_weights_are_tied():
     assert h.shape == (2, 5, 16)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert "transformer.h.0.attn.c_attn.weight" in model.state_dict()
+
+
+def test_rotate_equals_float64_forward_and_backward():
+    # the (B, T, nh, hs) layout attention rotates, positions as a padded batch gives them (B, T); the float64
+    # reference rotates each pair (x[i], x[i + hs/2]) by the same float32 angles, as the model always has
+    B, T, H, hs = 3, 7, 6, 10
+    x = torch.randn(B, T, H, hs, requires_grad=True)
+    pos = torch.randint(0, 100, (B, T))
+    cos, sin = rotary_angles(pos, hs)
+    assert cos.shape == sin.shape == (B, T, 1, hs)
+    x64 = x.detach().double().requires_grad_()
+    inv = 10000.0 ** (-torch.arange(0, hs, 2, dtype=torch.float32) / hs)
+    angles = (pos[:, :, None, None].float() * inv).double()  # (B, T, 1, hs/2)
+    c, s = angles.cos(), angles.sin()
+    x1, x2 = x64.chunk(2, dim=-1)
+    ref = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    out = rotate(x, cos, sin)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(ref)
+    (dx,), (dx64,) = torch.autograd.grad(out, x, g.float()), torch.autograd.grad(ref, x64, g)
+    torch.testing.assert_close(dx.double(), dx64, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # sampling takes the same math without the autograd node
+        torch.testing.assert_close(rotate(x, cos, sin), out, atol=0, rtol=0)
+    x16 = x.detach().bfloat16()  # autocast: computed in float32, returned in the input's dtype
+    assert rotate(x16, cos, sin).dtype == torch.bfloat16
+
+
+def test_no_buffers_so_old_checkpoints_load():
+    # rotary tables are computed in each forward, never stored: a checkpoint holds the parameters only, so one
+    # saved before any change to the rotary path loads with strict key checking
+    for pos_emb in ("rope", "learned"):
+        model = tiny_model(pos_emb=pos_emb)
+        assert list(model.buffers()) == []
+        assert set(model.state_dict()) == {n for n, _ in model.named_parameters()} | {"lm_head.weight"}

@@ -9,6 +9,7 @@ import torch
 
 from nanopost import sample
 from nanopost.common import UserError
+from nanopost.model import GPT
 from nanopost.sample import fit
 
 
@@ -72,3 +73,50 @@ def test_bad_input_is_one_line(tmp_path):
                           ([f"--init_from={tmp_path}", "--temperature=-1"], "--temperature=-1")]:
         with pytest.raises(UserError, match="^" + message.replace("(", r"\(")):
             sample.main(argv)
+
+
+def _count_generate(monkeypatch):
+    """-> list of the batch size of every GPT.generate call from now on."""
+    calls, real = [], GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, prompts, *a, **kw: calls.append(len(prompts))
+                        or real(self, prompts, *a, **kw))
+    return calls
+
+
+def test_num_samples_are_one_batch(tiny_ckpt, monkeypatch, capsys):
+    calls = _count_generate(monkeypatch)
+    got = sample.main([f"--init_from={tiny_ckpt}", "--prompt=hi", "--num_samples=3", "--max_new_tokens=5",
+                       "--device=cpu"])
+    assert calls == [3] and len(got) == 3 and all(len(g) == 5 for g in got)
+    out = capsys.readouterr().out
+    assert out.count("---------------") == 2 and out.count("hi") >= 3  # each sample after its prompt
+
+
+def test_a_prompt_file_is_one_batch_equal_to_one_prompt_at_a_time(tiny_ckpt, tok, tmp_path, monkeypatch, capsys):
+    # greedy: a left-padded batch samples what each prompt samples alone (positions count real tokens only)
+    lines = ["a short one", "and a rather longer prompt than the first", "3"]
+    (tmp_path / "p.txt").write_text("\n".join(lines[:2]) + "\n\n" + lines[2] + "\n")
+    args = [f"--init_from={tiny_ckpt}", "--temperature=0", "--max_new_tokens=6", "--device=cpu"]
+    calls = _count_generate(monkeypatch)
+    got = sample.main(args + [f"--prompts={tmp_path / 'p.txt'}", "--num_samples=2"])
+    assert calls == [6]
+    alone = [sample.main(args + [f"--prompt={p}"])[0] for p in lines]
+    assert got == [a for a in alone for _ in range(2)]
+    out = capsys.readouterr().out
+    assert out.startswith("a short one" + tok.decode_text(alone[0]) + "\n---------------\n")
+
+
+def test_a_chat_prompt_file_shows_each_user_turn(tiny_ckpt, tok, tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Say 3."}\n{"messages": [{"role": "user", "content": "Say 1."}, '
+                    '{"role": "assistant", "content": "1+0=1"}, {"role": "user", "content": "Say 4."}]}\n')
+    got = sample.main([f"--init_from={tiny_ckpt}", "--chat", f"--prompts={path}", "--temperature=0",
+                       "--max_new_tokens=4", "--device=cpu"])
+    assert len(got) == 2 and all(tok.eot_id not in g for g in got)
+    out = capsys.readouterr().out
+    assert out.startswith("> Say 3.\n") and "\n---------------\n> Say 4.\n" in out
+    with pytest.raises(UserError, match="holds conversations: sample them with --chat"):
+        sample.main([f"--init_from={tiny_ckpt}", f"--prompts={path}", "--device=cpu"])
+    with pytest.raises(UserError, match="no prompts"):
+        (tmp_path / "empty.txt").write_text("\n\n")
+        sample.main([f"--init_from={tiny_ckpt}", f"--prompts={tmp_path / 'empty.txt'}", "--device=cpu"])

@@ -86,6 +86,16 @@ def test_pretrain_then_sft_smoke(base, sft, read_log):
     assert "accuracy" in read_log(out, "eval")[-1]["task"]
 
 
+def test_pretrain_from_scratch_with_learned_positions(sft_main, tmp_path):
+    # --pos_emb=learned: GPT-2's position table, nanoGPT's model, from scratch; its head size need not be even
+    out = tmp_path / "learned"
+    sft_main(["--data=pretrain", f"--out_dir={out}", "--max_iters=2", "--pos_emb=learned", "--n_embd=12",
+              "--n_head=4"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["pos_emb"] == ckpt["config"]["pos_emb"] == "learned"
+    assert ckpt["model"]["transformer.wpe.weight"].shape == (32, 12)  # (block_size, n_embd)
+
+
 def test_ddp_matches_single_process(base, sft, run_sft, read_log, tmp_path):
     # 2 ranks x 2 rows vs 1 process x 4 rows, two micro-steps each: SFT batches have different numbers of loss
     # tokens per rank, so this also checks that the loss is normalized by the global token count
@@ -155,6 +165,7 @@ def test_resume_with_a_new_learning_rate_follows_the_new_schedule(base, half, sf
     ("--seed=7", "seed 1337 -> 7"),
     ("--batch_size=8", "batch_size 4 -> 8"),
     ("--n_embd=64", "n_embd 32 -> 64"),
+    ("--pos_emb=learned", "pos_emb 'rope' -> 'learned'"),
 ])
 def test_resume_refuses_a_changed_run_defining_knob(half, base, sft_main, copy_run, snapshot, tmp_path, change,
                                                     refused):
