@@ -26,9 +26,10 @@ exactly when lam = 1 (below 1, GAE trades bias for variance), rloo exactly, grpo
     python train_ppo.py --init_from=out/base/ckpt.pt --advantage=grpo --group_size=8   # no value model
     python train_ppo.py --reward_model=out/rm/ckpt.pt   # RLHF: a reward model from train_sft.py --data=prefs
 
-Critic-free advantages (outcome supervision: the score's advantage is one scalar per response, on all its tokens;
-no value model, no value optimizer, no value loss). --batch_size counts responses, so an iteration costs the same whatever
-group_size is: batch_size / group_size prompts, each sampled group_size times, a group never split over ranks.
+Critic-free advantages (outcome supervision: the score's advantage is one scalar per response, on all its
+tokens; no value model, no value optimizer, no value loss). --batch_size counts responses, so an iteration costs
+the same whatever group_size is: batch_size / group_size prompts, each sampled group_size times, a group never
+split over ranks.
   grpo  A_i = (s_i - mean(s_group)) / (std(s_group) + 1e-4), sample std (Shao et al. 2024, DeepSeekMath, sec.
         4.1.2). Standardising a group rescales its prompt's score: per prompt, grpo climbs E[s]/c - kl_coef * KL
         with c the group's std (and (k-1)/k for the own sample in the mean), so its optimum sharpens as the group

@@ -266,7 +266,8 @@ def grpo_nanopost(cfg, work, folder, k):
     out = os.path.join(work, f"np_grpo_{k}")
     shutil.rmtree(out, ignore_errors=True)
     run(script(cfg, "train_ppo.py", f"--init_from={folder}", f"--out_dir={out}", "--device=cpu", "--advantage=grpo",
-               "--kl_estimator=k3", f"--group_size={GRPO['group_size']}", f"--batch_size={GRPO['prompts'] * GRPO['group_size']}",
+               "--kl_estimator=k3", f"--group_size={GRPO['group_size']}",
+               f"--batch_size={GRPO['prompts'] * GRPO['group_size']}",
                f"--max_new_tokens={GRPO['new_tokens']}", f"--kl_coef={GRPO['beta']}", f"--ppo_epochs={GRPO['epochs']}",
                f"--num_minibatches={GRPO['minibatches']}", f"--learning_rate={GRPO['learning_rate']}",
                f"--max_iters={cfg.warmup + cfg.iters}", "--max_minutes=0", "--eval_prompts=0", "--eval_interval=0",

@@ -305,8 +305,8 @@ def reward_eval(model, tok, prompts, reward_fn, k=1, temperature=1.0, max_new_to
 def evaluate_model(model, tok, world, device, base_model=None, base_metrics=None, k=8, n_prompts=24,
                    temperature=1.0, max_new_tokens=32, seed=0, max_docs=64, max_probes=64):
     """
-    Every metric for one model, flat: task metrics, kl_pi_base and kl_base_pi, loss/<skill>, probe/<skill>, and, given the base
-    model's own metrics, dloss/<skill>, dloss_mean and dprobe/<skill> (this model minus the base).
+    Every metric for one model, flat: task metrics, kl_pi_base, kl_base_pi, loss/<skill>, probe/<skill>, and, given
+    the base model's own metrics, dloss/<skill>, dloss_mean and dprobe/<skill> (this model minus the base).
     """
     prompts = spread(world.eval_prompts, n_prompts)
     m = task_eval(model, tok, world, prompts, k=k, temperature=temperature, max_new_tokens=max_new_tokens,

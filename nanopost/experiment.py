@@ -278,7 +278,8 @@ def plot_pareto(per_method, path, trajectories=()):
         if not pts:
             continue
         sc = ax.scatter([r["accuracy"] for r in pts], [r["dloss_mean"] for r in pts],
-                        c=[r["kl_base_pi"] for r in pts], cmap="viridis", vmin=min(kls), vmax=max(max(kls), min(kls) + 1e-9), zorder=2,
+                        c=[r["kl_base_pi"] for r in pts], cmap="viridis", vmin=min(kls),
+                        vmax=max(max(kls), min(kls) + 1e-9), zorder=2,
                         marker=markers.get(method, "o"), s=70, edgecolors="black", label=method)
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_xlabel("new-task accuracy (held-out prompts)")

@@ -61,7 +61,8 @@ from nanopost.tokenizer import from_checkpoint
 from nanopost.world import demonstrate, load_world
 
 METHODS = ["sft", "sft_oracle", "ppo", "ppo_kl0", "grpo", "rft"]
-COLORS = dict(sft="tab:red", sft_oracle="tab:purple", ppo="tab:blue", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange")
+COLORS = dict(sft="tab:red", sft_oracle="tab:purple",
+              ppo="tab:blue", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange")
 PAPER_R2 = dict(toy=0.96, llm=0.71)  # RL's Razor: forgetting against KL(base || pi), R^2
 
 

@@ -47,7 +47,8 @@ def objective(theta, ref, seqs, scores, beta):
     logp = torch.stack([seq_logprob(theta, y) for y in seqs])
     ref_logp = torch.stack([seq_logprob(ref, y) for y in seqs])
     p = logp.exp()
-    return (p * torch.tensor([scores[y] for y in seqs], dtype=torch.float64)).sum() - beta * (p * (logp - ref_logp)).sum()
+    s = torch.tensor([scores[y] for y in seqs], dtype=torch.float64)
+    return (p * s).sum() - beta * (p * (logp - ref_logp)).sum()
 
 
 def surrogate(theta, ref, batch, scores, values, mode, advantage, beta, group_size, wrong=None):

@@ -183,7 +183,8 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
     script, args, inputs = calls["sft_oracle seed=3"]
     oracle_data = os.path.join(d, "sft_oracle_samples.jsonl")
     assert script == "train_sft.py" and f"--data={oracle_data}" in args and inputs == ["base.pt", oracle_data]
-    assert set(calls["sft seed=3"][1]) - set(args) == {"--data=sft"} and [s for s, _ in runs["sft_oracle"]] == [5, 10, 20]
+    assert set(calls["sft seed=3"][1]) - set(args) == {"--data=sft"}
+    assert [s for s, _ in runs["sft_oracle"]] == [5, 10, 20]
 
 
 @pytest.mark.parametrize("arg", ["--group_size=1", "--rft_rounds=0", "--n_boot=10", "--k=0", "--match_acc=x"])
