@@ -131,9 +131,12 @@ class Config:
     whiten_rewards: bool = knob(False, "whiten per-token rewards (no mean shift) before GAE (gae only)")
     # KL penalty
     kl_coef: float = knob(0.05, "initial KL penalty coefficient beta", ge=0)
-    kl_estimator: str = knob("full", "per-token KL(pi || ref): full (exact over the vocab: the prefix part in the "
-                                     "reward, the direct part in the loss) | k1 (all in the reward) | k3 (as full, "
-                                     "sampled)", choices=("full", "k1", "k3"))
+    # k1 by default: from the base, the exact KL's direct part stalled learning (tests/test_kl_objective.py proves
+    # both; nanopost/THESIS.md has the runs): in a batch with no reward the whitened advantages' std is tiny, and
+    # the loss's KL term, divided by it, pulls back to ref with a full gradient step that PPO's clip cannot bound
+    kl_estimator: str = knob("k1", "per-token KL(pi || ref): k1 (all in the reward) | full (exact over the vocab: "
+                                   "the prefix part in the reward, the direct part in the loss) | k3 (as full, "
+                                   "sampled)", choices=("k1", "full", "k3"))
     adaptive_kl: bool = knob(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
     kl_target: float = knob(1.0, "target KL per response (nats) for the adaptive controller", gt=0)
     kl_horizon: int = knob(10000, "adaptive controller horizon, in responses", ge=1)

@@ -37,7 +37,7 @@ BAD_KNOBS = [  # (script, arguments, the whole message)
     ("ppo", ["--ppo_epochs=0"], "--ppo_epochs=0: must be >= 1"),
     ("ppo", ["--temperature=0"], "--temperature=0.0: must be > 0"),
     ("ppo", ["--clip_coef=-0.2"], "--clip_coef=-0.2: must be > 0"),
-    ("ppo", ["--kl_estimator=k2"], "--kl_estimator=k2: expected one of full, k1, k3"),
+    ("ppo", ["--kl_estimator=k2"], "--kl_estimator=k2: expected one of k1, full, k3"),
     ("ppo", ["--batch_size=6", "--num_minibatches=4"],
      "--batch_size=6: must split evenly over 1 rank(s) and then into --num_minibatches=4"),
     ("ppo", ["--batch_size=1000"], "--batch_size=1000: more than the 216 training prompts"),

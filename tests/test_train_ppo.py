@@ -395,7 +395,7 @@ def test_critic_free_builds_no_value_model_and_learns(advantage, tiny_ckpt, ppo_
     first, last = (sum(r["score"] for r in rs) / 5 for rs in (recs[:5], recs[-5:]))
     assert last > 1.5 * first, f"mean score {first:.2f} -> {last:.2f}"
     assert all("v_loss" not in r and "explained_var" not in r for r in recs)
-    assert all("kl_loss" in r for r in recs)  # the exact KL's direct part is in the loss, whatever the advantage
+    assert all("kl_loss" not in r and "kl_penalised" in r for r in recs)  # k1: the whole KL in the reward
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert not {"value_model", "value_model_args", "value_optimizer"} & set(ckpt)
     assert ckpt["config"]["advantage"] == advantage and ckpt["config"]["group_size"] == 4
