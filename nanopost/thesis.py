@@ -15,10 +15,10 @@ tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). 
     sft      train_sft.py on the narrow demonstrator (N+0=N): off-policy data, no anchor
     sft_oracle  the same SFT on samples of pi* ∝ pi_base * exp(r / beta), the optimum of ppo's objective
              (write_oracle_data): RL's Razor's "oracle SFT", off-policy data from the KL-minimal solution
-    ppo      train_ppo.py: GAE with a value model, the exact KL(pi || base) anchor at kl_coef=0.05 (its default
-             --kl_estimator=full: every KL mode optimises the same objective, tests/test_kl_objective.py)
+    ppo      train_ppo.py: GAE with a value model, the KL(pi || base) anchor at kl_coef=0.05 (its default k1;
+             every KL mode optimises the same objective, tests/test_kl_objective.py)
     ppo_kl0  the same with kl_coef=0: the anchor removed, everything else equal
-    grpo     train_ppo.py --advantage=grpo: no critic, group baseline, the same exact-KL anchor
+    grpo     train_ppo.py --advantage=grpo: no critic, group baseline, the same anchor
     rft      rejection-sampling fine-tuning: rounds of "sample k answers per training prompt from the latest
              model, keep the verified ones (world.score == 1), train_sft.py on them for rft_epochs passes": on-policy
              data, no policy gradient, no anchor. Every verified sample is kept, duplicates too: SFT then fits
