@@ -131,9 +131,9 @@ class Config:
     whiten_rewards: bool = knob(False, "whiten per-token rewards (no mean shift) before GAE (gae only)")
     # KL penalty
     kl_coef: float = knob(0.05, "initial KL penalty coefficient beta", ge=0)
-    # k1 by default: from the base, the exact KL's direct part stalled learning (tests/test_kl_objective.py proves
-    # both; nanopost/THESIS.md has the runs): in a batch with no reward the whitened advantages' std is tiny, and
-    # the loss's KL term, divided by it, pulls back to ref with a full gradient step that PPO's clip cannot bound
+    # k1 by default: both optimise the same objective (tests/test_kl_objective.py), but from the built-in base, where
+    # most batches hold no correct answer, PPO with the exact KL's direct part in the loss did not leave the base in
+    # 200 iterations on 3 of 3 seeds (nanopost/THESIS.md); why is not settled yet
     kl_estimator: str = knob("k1", "per-token KL(pi || ref): k1 (all in the reward) | full (exact over the vocab: "
                                    "the prefix part in the reward, the direct part in the loss) | k3 (as full, "
                                    "sampled)", choices=("k1", "full", "k3"))
