@@ -266,12 +266,13 @@ def task_eval(model, tok, world, prompts, k=1, temperature=1.0, max_new_tokens=3
             for b in range(len(ro.responses)):
                 ids = ro.tokens[b, P:][ro.response_mask[b]].tolist()
                 resp_tokens.append([t for t in ids if t != tok.eot_id])
-        base_gen = torch.Generator(device=device).manual_seed(seed + 1)  # the base's samples: the same for any pi
         base_kl_sum = 0.0
-        for i in range(0, len(flat), ROLLOUT_BATCH) if base_model is not None else ():
-            ro = rollout(base_model, tok, flat[i:i + ROLLOUT_BATCH], max_new_tokens, temperature=temperature,
-                         top_k=top_k, generator=base_gen)
-            base_kl_sum += response_stats(base_model, ro, model)[1]
+        if base_model is not None:  # KL(base || pi) on the base's own samples: the same samples for any pi
+            base_gen = torch.Generator(device=device).manual_seed(seed + 1)
+            for i in range(0, len(flat), ROLLOUT_BATCH):
+                ro = rollout(base_model, tok, flat[i:i + ROLLOUT_BATCH], max_new_tokens, temperature=temperature,
+                             top_k=top_k, generator=base_gen)
+                base_kl_sum += response_stats(base_model, ro, model)[1]
     out, verdicts = score_samples(world, flat, responses, ended, k, resp_tokens)
     out["entropy"] = ent_sum / max(n_tok, 1)
     out["resp_len"] = n_tok / len(flat)

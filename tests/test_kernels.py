@@ -163,13 +163,19 @@ def test_float64_uses_reference():
     assert sum(_dispatch.launches.values()) == before
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_references(dtype):
-    # the references are the CPU training path: same oracle, same tolerances, including -inf logits
+def hostile_batch(dtype):
+    """(2, 3, 1001) logits with half of one row -inf, and targets with ~30% ignored, that row's at a finite logit."""
     x = torch.randn(2, 3, 1001, dtype=dtype) * 3
     x[0, 1, :500] = float("-inf")
     t = rand_targets((2, 3), 1001, ignore_frac=0.3)
     t[0, 1] = 700
+    return x, t
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_references(dtype):
+    # the references are the CPU training path: same oracle, same tolerances, including -inf logits
+    x, t = hostile_batch(dtype)
     before = sum(_dispatch.launches.values())
     for reduction in ["mean", "sum", "none"]:
         check_ce(x, t, fn=kernels.cross_entropy_ref, reduction=reduction, z_loss=1e-3)
@@ -183,10 +189,7 @@ def test_cpu_path(monkeypatch, dtype):
     # what CPU training runs without the interpreter: torch's fused cross-entropy for float32 without z_loss, the
     # reference otherwise; against the float64 oracle with ignored targets, label smoothing, -inf logits, odd V
     monkeypatch.setattr(_dispatch, "INTERPRET", False)
-    x = torch.randn(2, 3, 1001, dtype=dtype) * 3
-    x[0, 1, :500] = float("-inf")
-    t = rand_targets((2, 3), 1001, ignore_frac=0.3)
-    t[0, 1] = 700
+    x, t = hostile_batch(dtype)
     before = sum(_dispatch.launches.values())
     for reduction in ["mean", "sum", "none"]:
         check_ce(x, t, reduction=reduction)
