@@ -69,11 +69,14 @@ import torch
 import torch.nn as nn
 
 import kernels
-from nanopost.common import (RunLog, UserError, all_gather, all_reduce_max, all_reduce_sum, assert_in_sync, barrier,
-                             build_model, check_finite, check_model_finite, entry, get_rng_state, knob, load_checkpoint,
-                             load_weights, lock_out_dir, masked_mean, masked_whiten, parse_config, parse_steps, print0,
-                             refuse_reward_model, resume_config, save_checkpoint, save_snapshot, set_rng_state,
-                             setup_runtime, sync_grads, teardown, validate, weight_limits)
+from nanopost.config import UserError, entry, knob, parse_config, parse_steps, validate
+from nanopost.distributed import (all_gather, all_reduce_max, all_reduce_sum, assert_in_sync, barrier, print0,
+                                  setup_runtime, sync_grads, teardown)
+from nanopost.checkpoint import (check_finite, check_model_finite, lock_out_dir, save_checkpoint,
+                                 save_snapshot, weight_limits)
+from nanopost.loading import (build_model, get_rng_state, load_checkpoint, load_weights, refuse_reward_model,
+                              resume_config, set_rng_state)
+from nanopost.runlog import RunLog
 from nanopost.data import TOO_LONG, load_prompts
 from nanopost.evaluate import reward_eval, spread, task_eval
 from nanopost.model import ValueModel
@@ -158,6 +161,29 @@ SHOWN = ("score", "gold", "kl", "kl_full", "kl_coef", "entropy", "approx_kl", "c
 
 # -----------------------------------------------------------------------------
 # the pieces of PPO, as small functions the tests call directly
+
+def masked_mean(x, mask, n=None):
+    """Mean of x over mask; `n` overrides the count (data parallel: the global token count).
+    torch.where instead of x*mask so that a NaN or inf sitting in a pad slot cannot leak into the sum."""
+    total = torch.where(mask, x, torch.zeros_like(x)).sum()
+    return total / (mask.sum() if n is None else n)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the real tokens of the global batch (all ranks); pads come out 0. -> (that, 1 / std):
+    the scale, for a loss term that must shrink with x. shift_mean=False keeps the mean (N-details: rewards are
+    scaled, advantages are centred)."""
+    xm = torch.where(mask, x, torch.zeros_like(x)).double()
+    stats = all_reduce_sum(torch.stack([xm.sum(), (xm * xm).sum(), mask.sum().double()]))
+    mean = stats[0] / stats[2]
+    var = (stats[1] / stats[2] - mean * mean).clamp(min=0.0)
+    var = var * stats[2] / (stats[2] - 1).clamp(min=1.0)  # unbiased, as torch.var
+    scale = torch.rsqrt(var + 1e-8)
+    out = (x.double() - mean) * scale
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out.to(x.dtype), torch.zeros_like(x)), scale.item()
+
 
 def compute_gae(rewards, values, mask, gamma, lam):
     """Generalized advantage estimation over the response tokens (Schulman et al. 2016).

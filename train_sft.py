@@ -68,11 +68,13 @@ import numpy as np
 import torch
 
 import kernels
-from nanopost.common import (RunLog, UserError, all_reduce_sum, assert_in_sync, build_model, check_finite,
-                             check_model_finite, entry, format_eta, get_rng_state, knob, load_checkpoint, load_model,
-                             load_weights, lock_out_dir, parse_config, parse_steps, print0, resume_config,
-                             save_checkpoint, save_snapshot, set_rng_state, setup_runtime, sync_grads, teardown,
-                             validate, weight_limits)
+from nanopost.config import UserError, entry, knob, parse_config, parse_steps, validate
+from nanopost.distributed import all_reduce_sum, assert_in_sync, print0, setup_runtime, sync_grads, teardown
+from nanopost.checkpoint import (check_finite, check_model_finite, lock_out_dir, save_checkpoint,
+                                 save_snapshot, weight_limits)
+from nanopost.loading import (build_model, get_rng_state, load_checkpoint, load_model, load_weights,
+                              resume_config, set_rng_state)
+from nanopost.runlog import RunLog, format_eta
 from nanopost.data import (IGNORE, TOO_LONG, collate, is_corpus, load_corpus, load_prompts, numbered_conversations,
                            pack, sft_examples, spread_windows, windows)
 from nanopost.evaluate import heldout_losses, mean_loss, spread, task_eval

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nanopost.common import UserError, entry, knob, parse_config, parse_list, validate
+from nanopost.config import UserError, entry, knob, parse_config, parse_list, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: train_*.py live here
 PEER = {"pretrain": "nanoGPT", "pretrain_64": "nanoGPT", "sample": "transformers", "grpo": "trl"}  # row -> peer
@@ -232,7 +232,7 @@ def sample_worker(clock, folder, prompts_file, warmup, calls):
     prints the JSON HF_SAMPLE prints."""
     import torch
 
-    from nanopost.common import load_model
+    from nanopost.loading import load_model
     from nanopost.tokenizer import from_checkpoint
     torch.set_num_threads(1)
     model, ckpt = load_model(folder)

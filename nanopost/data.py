@@ -31,7 +31,8 @@ import time
 import numpy as np
 import torch
 
-from nanopost.common import UserError, print0
+from nanopost.config import UserError
+from nanopost.distributed import print0
 
 # kernels.cross_entropy's ignore_index: targets nothing learns from (prompt tokens, padding)
 IGNORE = -100

@@ -42,9 +42,11 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from nanopost.common import UserError, entry, knob, load_model, parse_config, resolve_device, validate
-from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_ppo_prompts, sft_example,
-                           spread_windows)
+from nanopost.config import UserError, entry, knob, parse_config, validate
+from nanopost.distributed import resolve_device
+from nanopost.loading import load_model
+from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_ppo_prompts,
+                           sft_example, spread_windows)
 from nanopost.reward import load_reward_fn, score_responses
 from nanopost.rollout import at_response, response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint

@@ -37,7 +37,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from nanopost.common import entry, knob, parse_config, parse_list, resolve_device, validate
+from nanopost.config import entry, knob, parse_config, parse_list, validate
+from nanopost.distributed import resolve_device
 from nanopost.evaluate import evaluate_checkpoints, format_table, render_table, table_columns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: train_*.py live here

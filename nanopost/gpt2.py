@@ -8,7 +8,7 @@ merges.txt; on a machine with network (pip install huggingface_hub), for any siz
     python -m nanopost.sample --init_from=gpt2 --prompt="The meaning of life is"
     python train_sft.py --data=chats.jsonl --init_from=gpt2 --out_dir=out/gpt2_sft
 
-`common.load_checkpoint` hands every folder to `load_folder`, so each --init_from (train_sft.py, train_ppo.py,
+`loading.load_checkpoint` hands every folder to `load_folder`, so each --init_from (train_sft.py, train_ppo.py,
 nanopost.sample) and each checkpoint of nanopost.evaluate takes one; the checkpoints a run saves hold the model
 and the tokenizer, and need the folder no more. What the mapping does:
 - weights: GPT-2's Conv1D layers store (in, out), nn.Linear (out, in), so those are transposed; attn.bias and
@@ -31,7 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from nanopost.common import UserError, read_torch_file
+from nanopost.config import UserError
+from nanopost.checkpoint import read_torch_file
 from nanopost.model import GPT, GPTConfig
 from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text
 
@@ -196,7 +197,7 @@ def convert(hf, model_args, tok, n_rows, path):
 
 
 def load_folder(folder, device="cpu"):
-    """A GPT-2 folder as a checkpoint dict, laid out like the ones nanopost saves (common.load_checkpoint)."""
+    """A GPT-2 folder as a checkpoint dict, laid out like the ones nanopost saves (loading.load_checkpoint)."""
     config_path = _file(folder, "config.json")
     tok, n_rows = load_tokenizer(folder)
     weights = _file(folder, "model.safetensors", "pytorch_model.bin")

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from nanopost.common import UserError, entry, knob, parse_config, parse_list, validate
+from nanopost.config import UserError, entry, knob, parse_config, parse_list, validate
 from nanopost.experiment import _children_cpu, run_stage
 
 

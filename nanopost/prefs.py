@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanopost.common import UserError
-from nanopost.data import _array_records, _check_turns, _messages, _open, _records, _text, _warn_ignored, is_json_array
+from nanopost.config import UserError
+from nanopost.data import (_array_records, _check_turns, _messages, _open, _records, _text, _warn_ignored,
+                           is_json_array)
 from nanopost.rollout import rollout
 
 

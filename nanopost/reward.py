@@ -16,7 +16,8 @@ import traceback
 
 import torch
 
-from nanopost.common import UserError, build_model, load_checkpoint, load_weights
+from nanopost.config import UserError
+from nanopost.loading import build_model, load_checkpoint, load_weights
 from nanopost.model import RewardModel
 from nanopost.prefs import collate_pairs
 from nanopost.rollout import rollout

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanopost.common import UserError, entry, knob, load_model, parse_config, setup_runtime, validate
+from nanopost.config import UserError, entry, knob, parse_config, validate
+from nanopost.distributed import setup_runtime
+from nanopost.loading import load_model
 from nanopost.data import load_ppo_prompts
 from nanopost.tokenizer import from_checkpoint
 

@@ -53,7 +53,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from nanopost.common import entry, knob, load_model, parse_config, parse_list, resolve_device, validate
+from nanopost.config import entry, knob, parse_config, parse_list, validate
+from nanopost.distributed import resolve_device
+from nanopost.loading import load_model
 from nanopost.evaluate import _eval_mode, evaluate_checkpoints, spread
 from nanopost.experiment import ROOT, SFT_SNAPSHOTS, EvalKnobs, pearson, run_stage, snapshots, value_at
 from nanopost.rollout import response_logprobs, rollout

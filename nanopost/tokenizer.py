@@ -36,7 +36,7 @@ import urllib.parse
 import regex  # a tiktoken dependency; stdlib re has no \p{L} / \p{N} classes
 import tiktoken
 
-from nanopost.common import UserError, entry, knob, parse_config, validate
+from nanopost.config import UserError, entry, knob, parse_config, validate
 
 SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]  # the shipped tokenizer's
 TRAINED_SPECIALS = SPECIALS + ["<|system|>"]  # a tokenizer trained on your corpus also marks a system turn

@@ -50,7 +50,7 @@ import os
 import random
 import re
 
-from nanopost.common import UserError, entry
+from nanopost.config import UserError, entry
 
 # -----------------------------------------------------------------------------
 # sizes (documents per skill). Chosen so that the train split is ~0.5M tokens under the 1024-token

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import kernels._dispatch
-from nanopost import common
-from nanopost.common import save_checkpoint
+from nanopost import checkpoint
+from nanopost.checkpoint import save_checkpoint
 from nanopost.model import GPT, GPTConfig
 from nanopost.tokenizer import get_tokenizer
 from nanopost.world import load_world
@@ -113,8 +113,8 @@ def _release_out_dir_locks():
     """A script's main() called in-process locks its out_dir for the life of the process: release it after the
     test, as the end of a real run would."""
     yield
-    while common._locks:
-        common._locks.pop().close()
+    while checkpoint._locks:
+        checkpoint._locks.pop().close()
 
 
 # -----------------------------------------------------------------------------

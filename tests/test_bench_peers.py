@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from nanopost import bench_peers
-from nanopost.common import UserError
+from nanopost.config import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

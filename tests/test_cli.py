@@ -1,5 +1,5 @@
 """
-The command-line contract both training scripts share (nanopost.common's policy, seen from outside): bad input is
+The command-line contract both training scripts share (nanopost.config's policy, seen from outside): bad input is
 one line `error: <the knob or file>: ...` and exit 2, before anything in out_dir is touched; a busy out_dir says
 who holds it; a checkpoint is resumed only by the script that wrote it.
 
@@ -12,7 +12,8 @@ import re
 
 import pytest
 
-from nanopost.common import UserError, lock_out_dir
+from nanopost.config import UserError
+from nanopost.checkpoint import lock_out_dir
 
 BAD_KNOBS = [  # (script, arguments, the whole message)
     ("sft", ["--batch_size=0"], "--batch_size=0: must be >= 1"),

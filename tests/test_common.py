@@ -1,6 +1,7 @@
-"""nanopost.common, the plumbing both training scripts share: knobs and their ranges, the one-line error policy,
-the out_dir lock, checkpoints (atomic writes, loads that run no code), the non-finite stops, the resume policy,
-the run log and the masked statistics. The scripts' own tests check that each script uses these."""
+"""The plumbing both training scripts share (nanopost.config, distributed, checkpoint, loading, runlog): knobs and
+their ranges, the one-line error policy, the out_dir lock, checkpoints (atomic writes, loads that run no code), the
+non-finite stops, the resume policy, the run log, and train_ppo's masked statistics. The scripts' own tests check
+that each script uses these."""
 
 import builtins
 import json
@@ -17,11 +18,12 @@ import pytest
 import torch
 
 from conftest import ROOT
-from nanopost import common
-from nanopost.common import (Diverged, RunLog, UserError, append_jsonl, check_finite, check_model_finite, entry,
-                             get_rng_state, knob, load_checkpoint, load_model, lock_out_dir, masked_mean,
-                             masked_whiten, parse_config, resume_config, save_checkpoint, set_rng_state, validate,
-                             weight_limits)
+from nanopost import checkpoint, config
+from nanopost.config import Diverged, UserError, entry, knob, parse_config, validate
+from nanopost.checkpoint import check_finite, check_model_finite, lock_out_dir, save_checkpoint, weight_limits
+from nanopost.loading import get_rng_state, load_checkpoint, load_model, resume_config, set_rng_state
+from nanopost.runlog import RunLog, append_jsonl
+from train_ppo import masked_mean, masked_whiten
 
 
 @dataclass
@@ -114,7 +116,7 @@ def test_lock_out_dir_admits_one_holder(tmp_path):
     # a second lock on the same directory (another open file: what another process would hold) is refused
     with pytest.raises(UserError, match=f"^{re.escape(out)} is in use by pid {os.getpid()} \\(one run per out_dir\\)$"):
         lock_out_dir(out)
-    common._locks.pop().close()  # the first run ends
+    checkpoint._locks.pop().close()  # the first run ends
     lock_out_dir(out)  # the directory is free again
 
 
@@ -125,7 +127,7 @@ def test_a_save_killed_midway_leaves_nothing_once_the_next_run_locks(tmp_path, w
     out = tmp_path / "run"
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from nanopost.common import save_checkpoint, save_snapshot
+        from nanopost.checkpoint import save_checkpoint, save_snapshot
         out = {str(out)!r}
         ckpt = os.path.join(out, "ckpt.pt")
         save_checkpoint(ckpt, dict(step=1))  # the last good one
@@ -150,7 +152,7 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     out = str(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from nanopost.common import lock_out_dir
+        from nanopost.checkpoint import lock_out_dir
         lock_out_dir({out!r})
         print("locked", flush=True)
         time.sleep(60)
@@ -408,11 +410,11 @@ def test_masked_mean_and_whiten_match_torch_on_the_real_tokens():
 
 
 def test_parse_list_reads_comma_separated_knobs_and_names_the_bad_one():
-    assert common.parse_list("0, 1,2,", "seeds") == [0, 1, 2]
-    assert common.parse_list("0,0.05", "kl_coefs", float, low=0) == [0.0, 0.05]
-    assert common.parse_steps("", "snapshot_steps") == set() and common.parse_steps("20,10,20", "s") == {10, 20}
+    assert config.parse_list("0, 1,2,", "seeds") == [0, 1, 2]
+    assert config.parse_list("0,0.05", "kl_coefs", float, low=0) == [0.0, 0.05]
+    assert config.parse_steps("", "snapshot_steps") == set() and config.parse_steps("20,10,20", "s") == {10, 20}
     for text, kind, low, message in [("1,x", int, None, "--k=1,x: expected comma-separated integers"),
                                      (" , ", float, None, "--k= , : expected one or more numbers"),
                                      ("0.1,-2", float, 0, "--k=0.1,-2: every value must be >= 0")]:
         with pytest.raises(UserError, match=f"^{re.escape(message)}"):
-            common.parse_list(text, "k", kind, low)
+            config.parse_list(text, "k", kind, low)

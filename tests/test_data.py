@@ -8,7 +8,7 @@ import torch
 
 import kernels
 from nanopost import data
-from nanopost.common import UserError
+from nanopost.config import UserError
 from nanopost.data import (IGNORE, collate, load_conversations, load_docs_jsonl, load_ppo_prompts,
                            load_prompts, pack, sft_example, sft_examples, windows)
 from nanopost.tokenizer import get_tokenizer

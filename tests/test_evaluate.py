@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanopost import evaluate as E
-from nanopost.common import UserError
+from nanopost.config import UserError
 from nanopost.evaluate import response_stats
 from nanopost.rollout import Rollout
 
@@ -124,7 +124,7 @@ def test_evaluate_cli_prints_table_with_zero_base_deltas(tiny_gpt, save_tiny_ckp
 def test_evaluate_on_your_data_reports_your_loss_and_your_reward(tiny_ckpt, tok, tmp_path, capsys, reference_kernels):
     import json
     import torch
-    from nanopost.common import load_model
+    from nanopost.loading import load_model
     chats = tmp_path / "chats.jsonl"
     turns = [("user", "Hi there"), ("assistant", "Hello!"), ("user", "Add 2 and 3."), ("assistant", "2+3=5")]
     chats.write_text(json.dumps(dict(messages=[dict(role=r, content=c) for r, c in turns])) + "\n")

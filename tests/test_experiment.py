@@ -11,7 +11,7 @@ import re
 import pytest
 
 from nanopost import experiment as X
-from nanopost.common import UserError
+from nanopost.config import UserError
 
 
 def fake_runs():

@@ -22,7 +22,8 @@ import torch
 import kernels
 from hf_reference import LAYOUTS, PROMPTS, texts
 from nanopost import sample
-from nanopost.common import UserError, entry, load_checkpoint, load_model
+from nanopost.config import UserError, entry
+from nanopost.loading import load_checkpoint, load_model
 from nanopost.evaluate import evaluate_on_your_data
 from nanopost.gpt2 import bytes_to_unicode
 from nanopost.tokenizer import from_checkpoint

@@ -16,7 +16,7 @@ import torch
 
 import kernels
 import train_ppo
-from nanopost.common import masked_mean, masked_whiten
+from train_ppo import masked_mean, masked_whiten
 
 V, BETA = 3, 0.7  # tokens; the KL coefficient
 MODES = ["k1", "k3", "full"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nanopost.common import UserError
+from nanopost.config import UserError
 from nanopost.overopt import main, smoothed, verdict
 
 

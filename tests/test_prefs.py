@@ -11,8 +11,9 @@ import re
 import pytest
 import torch
 
-from nanopost import common
-from nanopost.common import UserError, load_checkpoint
+from nanopost import checkpoint, loading
+from nanopost.config import UserError
+from nanopost.loading import load_checkpoint
 from nanopost.model import RewardModel
 from nanopost.prefs import (BETA, DECIDED_MARGIN, Pair, bradley_terry_loss, collate_pairs, encode_pair,
                             is_preferences, label, labeler_score, load_preferences, world_preferences)
@@ -212,8 +213,8 @@ RM = ["--data=prefs", "--block_size=64", "--max_new_tokens=6", "--batch_size=8",
 
 def release_locks():
     """What the end of a real run does: in-process runs keep their out_dir locked until released."""
-    while common._locks:
-        common._locks.pop().close()
+    while checkpoint._locks:
+        checkpoint._locks.pop().close()
 
 
 def test_reward_model_training_resume_is_exact(sft_main, tiny_ckpt, read_log, copy_run, tmp_path):
@@ -292,7 +293,7 @@ def test_a_reward_model_where_a_language_model_is_expected_is_one_line(tiny_gpt,
     rm = save_tiny_ckpt(tmp_path / "rm.pt", tiny_gpt(), kind="reward_model")  # refused before its weights are read
     lm = save_tiny_ckpt(tmp_path / "lm.pt", tiny_gpt())
     message = f"^{re.escape(rm)} is a reward model, not a language model; use it as train_ppo.py --reward_model="
-    for load in (lambda: common.load_model(rm),  # nanopost.sample and nanopost.evaluate
+    for load in (lambda: loading.load_model(rm),  # nanopost.sample and nanopost.evaluate
                  lambda: ppo_main([f"--init_from={rm}", f"--out_dir={tmp_path / 'a'}"]),
                  lambda: ppo_main([f"--init_from={lm}", f"--value_init={rm}", f"--out_dir={tmp_path / 'b'}"])):
         with pytest.raises(UserError, match=message):

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from nanopost.common import UserError
+from nanopost.config import UserError
 from nanopost.reward import load_reward_fn, score_responses
 
 PROMPTS, RESPONSES, ENDED = ["p one", "p two", "p three"], ["a", "b", "c"], [True, True, False]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanopost import sample
-from nanopost.common import UserError
+from nanopost.config import UserError
 from nanopost.model import GPT
 from nanopost.sample import fit
 

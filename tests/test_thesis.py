@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanopost import thesis as T
-from nanopost.common import UserError
+from nanopost.config import UserError
 from nanopost.world import task_prompt
 
 

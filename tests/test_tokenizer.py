@@ -5,7 +5,7 @@ import pytest
 import tiktoken
 
 from nanopost import tokenizer as tk
-from nanopost.common import UserError
+from nanopost.config import UserError
 from nanopost.tokenizer import SPECIALS, get_tokenizer, load_bpe, train_bpe
 
 

@@ -13,7 +13,9 @@ import torch
 
 import kernels
 import train_ppo
-from nanopost.common import Diverged, UserError, load_model, masked_whiten
+from nanopost.config import Diverged, UserError
+from nanopost.loading import load_model
+from train_ppo import masked_whiten
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from nanopost.common import Diverged, UserError
+from nanopost.config import Diverged, UserError
 from train_sft import lr_at
 
 
