@@ -17,7 +17,7 @@ Its hidden score is the verifier's 0/1 plus a deliberate bias a real labeler mig
 (labeler_score), and it picks A over B with the Bradley-Terry probability sigmoid(BETA * (s_A - s_B)) (Bradley &
 Terry 1952; the labeler model of Christiano et al. 2017). The responses are samples of the policy the reward model
 starts from and programmatic ones from the task's answer space (synthetic_response): valid answers and near misses.
-The reward model so learns a proxy of the verifier, which stays the gold reward (nanopost.overopt measures the gap).
+The reward model so learns a proxy of the verifier, which stays the gold reward (nanopost.studies.overopt measures the gap).
 """
 
 import collections

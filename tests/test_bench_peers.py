@@ -1,5 +1,5 @@
-"""nanopost.bench_peers without any peer installed: what it skips and says, the pretraining row against a stand-in
-for nanoGPT's train.py (the real train_sft.py on our side), and nanopost's sampling worker. The peers themselves are
+"""nanopost.studies.bench_peers without any peer installed: what it skips and says, the pretraining row against a
+stand-in for nanoGPT's train.py (the real train_sft.py on our side), and nanopost's sampling worker. The peers themselves are
 never imported here: the benchmark runs them in their own processes."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from nanopost import bench_peers
+from nanopost.studies import bench_peers
 from nanopost.config import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +71,7 @@ def test_sample_worker_times_greedy_generate(tiny_gpt, save_tiny_ckpt, tmp_path)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     (tmp_path / "p.json").write_text(json.dumps(prompts))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "nanopost.bench_peers", "--worker=sample", "cpu", path,
+    proc = subprocess.run([sys.executable, "-m", "nanopost.studies.bench_peers", "--worker=sample", "cpu", path,
                            str(tmp_path / "p.json"), "1", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])

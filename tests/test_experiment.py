@@ -1,5 +1,5 @@
 """
-nanopost.experiment: the report (its table, statistics and plot), SFT interpolated at the RL run's accuracy, the
+nanopost.studies.experiment: the report (its table, statistics and plot), SFT interpolated at the RL run's accuracy, the
 stage runner's skip logic and the wiring of each method to its start checkpoint and budget. The training scripts
 are stood in for by fakes: their own tests run them.
 """
@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from nanopost import experiment as X
+from nanopost.studies import experiment as X
 from nanopost.config import UserError
 
 

@@ -1,9 +1,9 @@
-"""nanopost.overopt's arithmetic: the trailing mean and the verdict, on curves whose answer is known."""
+"""nanopost.studies.overopt's arithmetic: the trailing mean and the verdict, on curves whose answer is known."""
 
 import pytest
 
 from nanopost.config import UserError
-from nanopost.overopt import main, smoothed, verdict
+from nanopost.studies.overopt import main, smoothed, verdict
 
 
 def curve(proxy, gold, kl):

@@ -1,4 +1,4 @@
-"""nanopost.thesis: the statistics (bootstrap interval, interpolation at matched accuracy, R^2) and the diversity
+"""nanopost.studies.thesis: the statistics (bootstrap interval, interpolation at matched accuracy, R^2) and the diversity
 masses against the KL-regularised optimum on hand values; rft's accept step; the study's summary on fake runs."""
 
 import json
@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from nanopost import thesis as T
+from nanopost.studies import thesis as T
 from nanopost.config import UserError
 from nanopost.world import task_prompt
 

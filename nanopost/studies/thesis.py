@@ -1,16 +1,18 @@
 """
 The thesis study: does PPO forget less than SFT at matched accuracy, and is it the KL anchor or the on-policy data?
 
-    python -m nanopost.thesis --seeds=0,1,2,3,4   # the full study (THESIS.md): 1 h 25 min on 2 idle cores before
-                                                  # sft_oracle and the base-sampled KL were added (not timed since)
-    OMP_NUM_THREADS=1 python -m nanopost.thesis ...  # on a shared machine (2 threads on busy cores spun 40x slower)
-    python -m nanopost.thesis --seeds=0 --ppo_iters=80 --ppo_snapshot_every=10 --rft_rounds=10 --rft_k=4 \
+    python -m nanopost.studies.thesis --seeds=0,1,2,3,4  # the full study (THESIS.md): 1 h 25 min on 2 idle cores
+                                                        # before sft_oracle and the base-sampled KL were added
+                                                        # (not timed since)
+    OMP_NUM_THREADS=1 python -m nanopost.studies.thesis ...  # on a shared machine (2 threads on busy cores spun
+                                                            # 40x slower)
+    python -m nanopost.studies.thesis --seeds=0 --ppo_iters=80 --ppo_snapshot_every=10 --rft_rounds=10 --rft_k=4 \
         --rft_epochs=4 --k=4 --n_prompts=16 --max_docs=32 --match_acc=0.1,0.3,0.5 --readme_plot=false  # a pilot
 
 "Retaining by Doing" (Chen, Razin, Narasimhan & Chen 2025) finds RL's retention comes from on-policy data, not
 from the KL regularizer or the advantage estimator; RL's Razor (Shenfeld, Pari & Agrawal 2025) finds forgetting
 tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). From the one shared base model
-(out/base, as nanopost.experiment trains it), per seed:
+(out/base, as nanopost.studies.experiment trains it), per seed:
 
     sft      train_sft.py on the narrow demonstrator (N+0=N): off-policy data, no anchor
     sft_oracle  the same SFT on samples of pi* ∝ pi_base * exp(r / beta), the optimum of ppo's objective
@@ -57,7 +59,7 @@ from nanopost.config import entry, knob, parse_config, parse_list, validate
 from nanopost.distributed import resolve_device
 from nanopost.loading import load_model
 from nanopost.evaluate import _eval_mode, evaluate_checkpoints, spread
-from nanopost.experiment import ROOT, SFT_SNAPSHOTS, EvalKnobs, pearson, run_stage, snapshots, value_at
+from nanopost.studies.experiment import ROOT, SFT_SNAPSHOTS, EvalKnobs, pearson, run_stage, snapshots, value_at
 from nanopost.rollout import response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import demonstrate, load_world

@@ -1,7 +1,7 @@
 """
 Benchmark: batched sampling with the KV cache against recomputing the whole sequence every step.
 
-    python -m nanopost.bench_generate            # CPU default model, 64 prompts x 64 new tokens
+    python -m nanopost.studies.bench_generate    # CPU default model, 64 prompts x 64 new tokens
 
 Both paths sample the same way; the recompute path runs the full padded sequence through the model
 for every new token (O(T^2) work), the cache path only the new token (O(T)).

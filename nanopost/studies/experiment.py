@@ -3,9 +3,9 @@ The quick start's experiment: does SFT forget more than RL at the same new-task 
 Shenfeld, Pari & Agrawal 2025: RL forgets less, and forgetting tracks the forward KL(pi_base || pi) measured on
 the new task.)
 
-    python -m nanopost.experiment                      # 1 seed, 7.5 min on 2 idle CPU cores
-    python -m nanopost.experiment --seeds=0,1,2        # mean and spread over 3 seeds
-    python -m nanopost.experiment --advantage=gae      # RL = PPO with a value model (+2 min: a second trunk)
+    python -m nanopost.studies.experiment              # 1 seed, 7.5 min on 2 idle CPU cores
+    python -m nanopost.studies.experiment --seeds=0,1,2        # mean and spread over 3 seeds
+    python -m nanopost.studies.experiment --advantage=gae      # RL = PPO with a value model (+2 min: a second trunk)
 
 From ONE base model (train_sft.py --data=pretrain, trained once) it runs, per seed, the real training scripts as
 subprocesses (this file never copies their loops):
@@ -13,7 +13,7 @@ subprocesses (this file never copies their loops):
     sft          train_sft.py on the narrow demonstrator (N+0=N), 150 steps, keeping snapshots along the way
     grpo         train_ppo.py --advantage=grpo from the base: PPO's clipped update, KL anchor to the base, a group
                  baseline instead of a value model (half the compute of --advantage=gae; the thesis study,
-                 nanopost/THESIS.md, compares the two)
+                 nanopost/studies/THESIS.md, compares the two)
     sft_matched  not a run: SFT's trajectory (the base, its snapshots, its end) interpolated linearly at the RL
                  run's final accuracy, metric by metric: SFT at matched accuracy, with no hand-picked step count
 
@@ -24,7 +24,7 @@ KL(base || pi); SFT's trajectories as lines).
 
 A stage whose checkpoint exists and whose command is unchanged is skipped (out/<stage>/stage.json records the
 command that made it), so an interrupted run resumes and --seeds=0,1,2 after --seeds=0 only trains seeds 1-2.
---force=true reruns everything. The five-method study with intervals is nanopost.thesis.
+--force=true reruns everything. The five-method study with intervals is nanopost.studies.thesis.
 """
 
 import json
@@ -41,14 +41,14 @@ from nanopost.config import entry, knob, parse_config, parse_list, validate
 from nanopost.distributed import resolve_device
 from nanopost.evaluate import evaluate_checkpoints, format_table, render_table, table_columns
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: train_*.py live here
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: train_*.py live here
 
 SFT_SNAPSHOTS = "2,4,6,8,10,12,16,20,30,50,100"  # dense early: SFT passes RL's accuracy within ~10 steps
 
 
 @dataclass
 class EvalKnobs:
-    """The evaluation this experiment and nanopost.thesis share, so their numbers compare: k samples on n_prompts
+    """The evaluation this experiment and the thesis study share, so their numbers compare: k samples on n_prompts
     held-out prompts. Measured ~20 CPU-s per checkpoint at 8 x 32 with 32-token responses (half in sampling, a third
     in the two forwards for entropy and KL); 8 x 24 keeps a seed's checkpoints and snapshots near a minute on 2
     cores."""

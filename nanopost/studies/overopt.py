@@ -3,7 +3,7 @@ Reward-model over-optimization (Gao, Schulman & Hilton 2022, "Scaling Laws for R
 PPO against a learned reward model (the proxy) at several KL coefficients, 0 included, with the built-in verifier
 as the gold reward, both recorded along training against KL(pi || pi_start).
 
-    python -m nanopost.overopt                       # needs out/base/ckpt.pt (python -m nanopost.experiment,
+    python -m nanopost.studies.overopt               # needs out/base/ckpt.pt (python -m nanopost.studies.experiment,
                                                      # or python train_sft.py --data=pretrain --out_dir=out/base)
 
 Stages, each a real script run as a subprocess (skipped when done with the same command, as in the experiment):
@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from nanopost.config import UserError, entry, knob, parse_config, parse_list, validate
-from nanopost.experiment import _children_cpu, run_stage
+from nanopost.studies.experiment import _children_cpu, run_stage
 
 
 @dataclass
@@ -113,7 +113,7 @@ def main(argv):
     coefs = parse_list(cfg.kl_coefs, "kl_coefs", float, low=0)
     if not os.path.isfile(cfg.base):
         raise UserError(f"--base={cfg.base}: no such checkpoint; train one with python train_sft.py --data=pretrain "
-                        f"--out_dir=out/base (or run python -m nanopost.experiment)")
+                        f"--out_dir=out/base (or run python -m nanopost.studies.experiment)")
     t0 = time.time()
     common = [f"--seed={cfg.seed}", f"--device={cfg.device}"]
     d = cfg.out_dir
@@ -138,7 +138,7 @@ def main(argv):
     verdicts = {coef: verdict(c) for coef, c in curves.items()}
     png = os.path.join(d, "overopt.png")
     plot(curves, png)
-    lines = [f"# Reward-model over-optimization (python -m nanopost.overopt, {wall / 60:.1f} min wall, "
+    lines = [f"# Reward-model over-optimization (python -m nanopost.studies.overopt, {wall / 60:.1f} min wall, "
              f"{_children_cpu() / 60:.1f} min CPU of its stages; a skipped stage counts 0)", "",
              f"Reward model: held-out pairwise accuracy {rm_eval['acc']:.3f} on {cfg.out_dir}/rm's held-out "
              f"pairs, {rm_eval['acc_decided']:.3f} on those the labeler decided by its hidden score.", "",

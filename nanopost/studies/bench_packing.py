@@ -1,7 +1,7 @@
 """
 Benchmark: SFT steps on packed rows (train_sft.py --packing=true) against right-padded rows, same examples.
 
-    python -m nanopost.bench_packing FILE.jsonl [batches] [block_size]    # your conversations, shipped tokenizer
+    python -m nanopost.studies.bench_packing FILE.jsonl [batches] [block_size]  # your conversations, shipped tokenizer
 
 Each batch is 32 conversations drawn at random; both layouts run forward + backward of the default CPU model on
 it, alternating A, B, A, B, ..., so a machine that slows down mid-run slows both. tokens/s counts real tokens.

@@ -1,8 +1,8 @@
 """
 Benchmark: nanopost against its peers on CPU, the same work on both sides, side by side in one run.
 
-    python -m nanopost.bench_peers --nanogpt=../nanoGPT       # git clone https://github.com/karpathy/nanoGPT
-    python -m nanopost.bench_peers --nanogpt=../nanoGPT --peer_python=../peers/bin/python --clock=cpu
+    python -m nanopost.studies.bench_peers --nanogpt=../nanoGPT       # git clone https://github.com/karpathy/nanoGPT
+    python -m nanopost.studies.bench_peers --nanogpt=../nanoGPT --peer_python=../peers/bin/python --clock=cpu
 
 The rows, each nanopost's own code against the peer's:
   pretrain     train_sft.py --data=pretrain against nanoGPT's train.py: the built-in corpus (vocab 1024) as tokens,
@@ -46,7 +46,7 @@ import numpy as np
 
 from nanopost.config import UserError, entry, knob, parse_config, parse_list, validate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: train_*.py live here
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: train_*.py live here
 PEER = {"pretrain": "nanoGPT", "pretrain_64": "nanoGPT", "sample": "transformers", "grpo": "trl"}  # row -> peer
 PRETRAIN_SHAPES = {"pretrain": (128, 8), "pretrain_64": (64, 12)}  # row -> (block_size, batch_size)
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128)  # nanopost's default GPTConfig, the model of every row
@@ -228,8 +228,8 @@ print(json.dumps(dict(times=times[warmup:], responses=responses)))
 
 
 def sample_worker(clock, folder, prompts_file, warmup, calls):
-    """nanopost's side of the sample row, in its own process (python -m nanopost.bench_peers --worker=sample ...):
-    prints the JSON HF_SAMPLE prints."""
+    """nanopost's side of the sample row, in its own process (python -m nanopost.studies.bench_peers
+    --worker=sample ...): prints the JSON HF_SAMPLE prints."""
     import torch
 
     from nanopost.loading import load_model
@@ -253,7 +253,7 @@ def sample_worker(clock, folder, prompts_file, warmup, calls):
 def sample_round(cfg, work, python, folder):
     """-> (nanopost's times, transformers' times, whether their greedy tokens agree)."""
     args = [cfg.clock, folder, os.path.join(work, "sample_prompts.json"), cfg.warmup, cfg.calls]
-    a = last_json(run([sys.executable, "-m", "nanopost.bench_peers", "--worker=sample", *map(str, args)], ROOT,
+    a = last_json(run([sys.executable, "-m", "nanopost.studies.bench_peers", "--worker=sample", *map(str, args)], ROOT,
                       "nanopost's generate"))
     b = peer(python, HF_SAMPLE, args[:3] + [SAMPLE["new_tokens"]] + args[3:], work, "transformers' generate")
     return a["times"], b["times"], a["responses"] == b["responses"]
