@@ -1,14 +1,11 @@
 """
 Tokenizers: the built-in "nanopost" byte-level BPE (offline, shipped with the package), GPT-2's (tiktoken, or the
-vocab.json and merges.txt of a GPT-2 folder: nanopost.gpt2), and your own, trained on your corpus into a .bpe file.
+vocab.json and merges.txt of a GPT-2 folder: nanopost.gpt2), and your own, trained on your corpus into a .bpe file
+(python -m nanopost.train_tokenizer --data=corpus.txt --out=my.bpe; then train_sft.py --tokenizer=my.bpe).
 
 All run on tiktoken's fast encoder; we only supply the merge ranks. The "nanopost" ranks are a small BPE
-(1024 tokens in all: 256 byte tokens, 765 merges, 3 specials) trained by train_bpe() on the pretraining
-corpus of the seed-0 world and shipped as tokenizer.bpe next to this file.
-
-    python -m nanopost.tokenizer                  # retrain the shipped file (deterministic: same world, same file)
-    python -m nanopost.tokenizer --data=corpus.txt --vocab_size=4096 --out=my.bpe   # your own
-    python train_sft.py --data=corpus.txt --tokenizer=my.bpe ...                     # a scratch model that uses it
+(1024 tokens in all: 256 byte tokens, 765 merges, 3 specials) trained by nanopost.train_tokenizer on the
+pretraining corpus of the seed-0 world and shipped as tokenizer.bpe next to this file.
 
 A trained file holds tiktoken's format (one "base64(token bytes) rank" line per token) after one header line
 naming its special tokens, which include <|system|>. A checkpoint stores the whole file, so later stages need no
@@ -22,21 +19,16 @@ contains "<|endoftext|>" must not be able to end a response or forge a turn.
 
 import base64
 import codecs
-import collections
-import dataclasses
 import functools
 import hashlib
-import heapq
 import os
 import socket
 import tempfile
-import time
 import urllib.parse
 
-import regex  # a tiktoken dependency; stdlib re has no \p{L} / \p{N} classes
 import tiktoken
 
-from nanopost.config import UserError, entry, knob, parse_config, validate
+from nanopost.config import UserError
 
 SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]  # the shipped tokenizer's
 TRAINED_SPECIALS = SPECIALS + ["<|system|>"]  # a tokenizer trained on your corpus also marks a system turn
@@ -63,80 +55,6 @@ PAT_STR = "|".join([
 # contractions lowercase only. A .bpe file names it in a "#pattern gpt2" header line.
 GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 PATTERNS = {"nanopost": PAT_STR, "gpt2": GPT2_PAT_STR}
-
-
-# -----------------------------------------------------------------------------
-# BPE training (pure Python; the corpus has only a few thousand distinct pre-tokens, so this takes seconds)
-
-def train_bpe(texts, vocab_size=VOCAB_SIZE, n_special=len(SPECIALS), progress=None):
-    """
-    Byte-level BPE (Sennrich et al. 2016, byte-level as in GPT-2) over the counts of distinct pre-tokens.
-    Returns mergeable_ranks: bytes -> rank, ranks 0..255 the single bytes, then one token per merge in merge order.
-    Deterministic: ties between equally frequent pairs go to the smallest (left id, right id).
-    The most frequent pair comes from a heap of (-count, pair) entries; an entry whose count is out of date is
-    skipped when it surfaces (lazy deletion), so a merge costs what it changes, not a scan of every pair.
-    """
-    n_merges = vocab_size - 256 - n_special
-    if n_merges < 0:
-        raise UserError(f"--vocab_size={vocab_size}: must be at least 256 bytes + {n_special} specials")
-    pat = regex.compile(PAT_STR)
-    counts = collections.Counter()
-    for text in texts:
-        counts.update(pat.findall(text))
-    words = [list(w.encode("utf-8")) for w in counts]  # each word as a list of token ids
-    freqs = list(counts.values())
-    token_bytes = [bytes([i]) for i in range(256)]
-
-    pair_counts = collections.Counter()
-    where = collections.defaultdict(set)  # pair -> indices of words that contain it
-    for i, (w, f) in enumerate(zip(words, freqs)):
-        for pair in zip(w, w[1:]):
-            pair_counts[pair] += f
-            where[pair].add(i)
-    heap = [(-c, pair) for pair, c in pair_counts.items()]
-    heapq.heapify(heap)
-
-    while len(token_bytes) < 256 + n_merges and heap:
-        neg, best = heapq.heappop(heap)
-        if pair_counts.get(best, 0) != -neg:
-            continue  # stale: the count changed after this entry was pushed (its fresh entry is in the heap)
-        new_id = len(token_bytes)
-        token_bytes.append(token_bytes[best[0]] + token_bytes[best[1]])
-        changed = set()
-        for i in sorted(where.pop(best)):
-            w, f = words[i], freqs[i]
-            for pair in zip(w, w[1:]):  # remove this word's old pairs ...
-                pair_counts[pair] -= f
-                changed.add(pair)
-                if pair_counts[pair] == 0:
-                    del pair_counts[pair]
-            merged, j = [], 0
-            while j < len(w):
-                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
-                    merged.append(new_id)
-                    j += 2
-                else:
-                    merged.append(w[j])
-                    j += 1
-            words[i] = merged
-            for pair in zip(merged, merged[1:]):  # ... and add its new ones
-                pair_counts[pair] += f
-                where[pair].add(i)
-                changed.add(pair)
-        pair_counts.pop(best, None)
-        for pair in changed:
-            if pair_counts.get(pair, 0) > 0:
-                heapq.heappush(heap, (-pair_counts[pair], pair))
-        if progress and (new_id - 255) % 500 == 0:
-            progress(new_id - 255, n_merges)
-    return {b: rank for rank, b in enumerate(token_bytes)}
-
-
-def training_corpus(seed=0):
-    """The texts the nanopost BPE is trained on: the world's pretraining train split (chat docs as prompt+reply)."""
-    from nanopost.world import doc_text, load_world  # lazy: world does not need the tokenizer
-    w = load_world(seed)
-    return [doc_text(d) for s in w.skills for d in w.pretrain[s]]
 
 
 def bpe_text(mergeable_ranks, specials=SPECIALS, pattern="nanopost", ids=None):
@@ -290,7 +208,7 @@ class Tokenizer:
         for role, content in turns:
             if role == "system" and self.system_id is None:
                 raise UserError(f"tokenizer {self.name!r} has no <|system|> token, so it cannot encode a system "
-                                f"turn: train one (python -m nanopost.tokenizer --data=... --out=my.bpe) or drop "
+                                f"turn: train one (python -m nanopost.train_tokenizer --data=... --out=my.bpe) or drop "
                                 f"the system turns")
             role_id = dict(system=self.system_id, user=self.user_id, assistant=self.assistant_id)[role]
             content = self.encode(content) + ([self.eot_id] if role == "assistant" else [])
@@ -361,7 +279,7 @@ def _gpt2_encoding():
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name="nanopost"):
     """"nanopost": the shipped offline BPE (1024 tokens). "gpt2": GPT-2's BPE + our two chat specials (50259).
-    A path to a .bpe file: a tokenizer trained with `python -m nanopost.tokenizer --data=...`."""
+    A path to a .bpe file: a tokenizer trained with `python -m nanopost.train_tokenizer --data=...`."""
     if name == "nanopost":
         ranks, specials, pattern, _ = load_bpe(BPE_PATH)
         return Tokenizer("nanopost", _bpe_encoding("nanopost", ranks, specials, pattern))
@@ -385,39 +303,3 @@ def from_checkpoint(ckpt, path="checkpoint"):
     if ckpt.get("tokenizer_bpe"):
         return from_bpe_text(ckpt["tokenizer"], ckpt["tokenizer_bpe"], f"{path} (tokenizer_bpe)")
     return get_tokenizer(ckpt.get("tokenizer", "nanopost"))
-
-
-@dataclasses.dataclass
-class Config:
-    data: str = knob("", "corpus to train on: .txt, or .jsonl of {\"text\": ...}; '' = the built-in world's corpus")
-    vocab_size: int = knob(VOCAB_SIZE, "tokens in all: 256 bytes + merges + specials", ge=256 + len(TRAINED_SPECIALS))
-    out: str = knob("", "the .bpe file to write; '' = the shipped tokenizer.bpe (only without --data)")
-
-
-def main(argv):
-    cfg, _ = parse_config(Config, argv)
-    validate(cfg)
-    if cfg.data and not cfg.out:
-        raise UserError("--out=PATH.bpe is required with --data (the shipped tokenizer.bpe is the built-in world's)")
-    if cfg.out and not cfg.out.endswith(".bpe"):
-        raise UserError(f"--out={cfg.out}: a tokenizer file ends in .bpe (that is how --tokenizer recognises one)")
-    t0 = time.time()
-    if cfg.data:
-        from nanopost.data import corpus_texts  # lazy: data needs common, which the built-in path does not
-        texts, specials = [text for text, _ in corpus_texts(cfg.data)], TRAINED_SPECIALS
-    else:
-        texts, specials = training_corpus(seed=0), SPECIALS
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    print(f"training a {cfg.vocab_size}-token BPE on {n_bytes / 1e6:.2f} MB")
-    ranks = train_bpe(texts, cfg.vocab_size, len(specials),
-                      progress=lambda done, total: print(f"  {done}/{total} merges | {time.time() - t0:.0f}s"))
-    out = cfg.out or BPE_PATH
-    save_bpe(out, ranks, specials)
-    enc = _bpe_encoding("check", ranks, specials)
-    n_tokens = sum(len(t) for t in enc.encode_ordinary_batch(texts))
-    print(f"wrote {out} | {len(ranks)} ranks + {len(specials)} specials = {enc.n_vocab} | "
-          f"{n_tokens:,} tokens on {n_bytes:,} bytes ({n_bytes / n_tokens:.2f} bytes/token) | {time.time() - t0:.1f}s")
-
-
-if __name__ == "__main__":
-    entry(main)

@@ -41,7 +41,7 @@ N in 10..99. Any "a+b=N" with non-negative a, b written without leading zeros is
 Other seeds give other people, facts, pairs and documents; the shipped tokenizer is trained on seed 0, so their
 names may take a token or two more.
 
-Run `python -m nanopost.world --out_dir=data/world --seed=0` to write the world as JSONL (see write_world).
+write_world(out_dir, seed) writes the world as JSONL, in the formats nanopost.data reads.
 """
 
 import functools
@@ -50,7 +50,6 @@ import os
 import random
 import re
 
-from nanopost.config import UserError, entry
 
 # -----------------------------------------------------------------------------
 # sizes (documents per skill). Chosen so that the train split is ~0.5M tokens under the 1024-token
@@ -513,28 +512,3 @@ def write_world(out_dir, seed=0):
         paths.append(path)
     return paths
 
-
-def main(argv):
-    out_dir, seed = "data/world", 0
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if key == "--out_dir" and eq:
-            out_dir = value
-        elif key == "--seed" and eq:
-            try:
-                seed = int(value)
-            except ValueError:
-                raise UserError(f"--seed must be an integer, got {value!r}") from None
-        elif key in ("-h", "--help"):
-            print("usage: python -m nanopost.world [--out_dir=data/world] [--seed=0]")
-            return
-        else:
-            raise UserError(f"unknown argument {arg!r} (usage: python -m nanopost.world --out_dir=DIR --seed=INT)")
-    for path in write_world(out_dir, seed):
-        with open(path, encoding="utf-8") as f:
-            n = sum(1 for _ in f)
-        print(f"wrote {path} | {n} lines")
-
-
-if __name__ == "__main__":
-    entry(main)

@@ -104,7 +104,8 @@ def test_ppo_prompts_too_long_are_named_all_at_once(tmp_path, tok):
 
 
 def test_ppo_prompts_too_long_dropped_or_truncated(tmp_path, capsys):
-    from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text, train_bpe
+    from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text
+    from nanopost.train_tokenizer import train_bpe
     tok = from_bpe_text("t.bpe", bpe_text(train_bpe(["What is 2+2? Answer briefly."], 300, 4), TRAINED_SPECIALS),
                         "t.bpe")  # a tokenizer with a system turn
     long = "Write an addition that equals 17, " * 8
@@ -276,7 +277,8 @@ def test_response_mask_only_response_tokens_count(tok):
 
 
 def test_multi_turn_loss_is_on_every_assistant_turn_and_nothing_else(tmp_path):
-    from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text, train_bpe
+    from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text
+    from nanopost.train_tokenizer import train_bpe
     tok = from_bpe_text("t.bpe", bpe_text(train_bpe(["hello there"], 270, 4), TRAINED_SPECIALS), "t.bpe")
     turns = [("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "Bye!")]
     x, y, dropped = sft_example(tok, turns, block_size=64)
@@ -392,7 +394,8 @@ def test_corpus_is_tokenized_once_and_cached_while_nothing_changes(tmp_path, tok
 
 
 def test_corpus_cache_of_another_tokenizer_and_a_read_only_folder(tmp_path, tok):
-    from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text, train_bpe
+    from nanopost.tokenizer import TRAINED_SPECIALS, bpe_text, from_bpe_text
+    from nanopost.train_tokenizer import train_bpe
     mine = from_bpe_text("mine.bpe", bpe_text(train_bpe([HOSTILE], 300, 4), TRAINED_SPECIALS), "mine.bpe")
     folder = tmp_path / "shared"  # read-only, as ../shared/data is in CI: not written into, even by root
     folder.mkdir()

@@ -6,7 +6,8 @@ import tiktoken
 
 from nanopost import tokenizer as tk
 from nanopost.config import UserError
-from nanopost.tokenizer import SPECIALS, get_tokenizer, load_bpe, train_bpe
+from nanopost.tokenizer import SPECIALS, get_tokenizer, load_bpe
+from nanopost.train_tokenizer import main as train_tokenizer, train_bpe, training_corpus
 
 
 def _random_text(rng, n):
@@ -185,10 +186,10 @@ def test_trainer_deterministic_and_valid():
 
 
 def test_shipped_file_matches_retraining():
-    # the shipped ranks must be exactly what `python -m nanopost.tokenizer` produces (~2 s)
+    # the shipped ranks must be exactly what `python -m nanopost.train_tokenizer` produces (~2 s)
     shipped, specials, pattern, ids = load_bpe(tk.BPE_PATH)
     assert specials == SPECIALS and pattern == "nanopost" and ids is None
-    assert shipped == train_bpe(tk.training_corpus(seed=0))
+    assert shipped == train_bpe(training_corpus(seed=0))
 
 
 def test_load_bpe_errors(tmp_path):
@@ -226,7 +227,7 @@ def test_an_id_map_gives_the_models_ids_and_survives_a_checkpoint():
 
 
 # -----------------------------------------------------------------------------
-# your own tokenizer: python -m nanopost.tokenizer --data=... --out=my.bpe
+# your own tokenizer: python -m nanopost.train_tokenizer --data=... --out=my.bpe
 
 SONNET = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
           "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date;\n") * 20
@@ -236,7 +237,7 @@ def test_trained_tokenizer_round_trips_through_file_and_checkpoint(tmp_path, cap
     corpus = tmp_path / "sonnet.txt"
     corpus.write_text(SONNET)
     out = tmp_path / "my.bpe"
-    tk.main([f"--data={corpus}", "--vocab_size=330", f"--out={out}"])
+    train_tokenizer([f"--data={corpus}", "--vocab_size=330", f"--out={out}"])
     assert "wrote" in capsys.readouterr().out
     text = out.read_text()
     assert text.splitlines()[0] == "#specials <|endoftext|> <|user|> <|assistant|> <|system|>"
@@ -261,11 +262,11 @@ def test_tokenizer_cli_errors(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(SONNET)
     with pytest.raises(UserError, match="--out=PATH.bpe is required with --data"):
-        tk.main([f"--data={corpus}"])
+        train_tokenizer([f"--data={corpus}"])
     with pytest.raises(UserError, match=r"--out=x.txt: a tokenizer file ends in .bpe"):
-        tk.main([f"--data={corpus}", "--out=x.txt"])
+        train_tokenizer([f"--data={corpus}", "--out=x.txt"])
     with pytest.raises(UserError, match=r"--vocab_size=100: must be >= 260"):
-        tk.main([f"--data={corpus}", "--vocab_size=100", f"--out={tmp_path / 'a.bpe'}"])
+        train_tokenizer([f"--data={corpus}", "--vocab_size=100", f"--out={tmp_path / 'a.bpe'}"])
     with pytest.raises(UserError, match=r"--tokenizer=.*nope.bpe: file not found"):
         get_tokenizer(str(tmp_path / "nope.bpe"))
     bad = tmp_path / "bad.bpe"

@@ -248,11 +248,11 @@ def test_update_that_blows_up_is_not_saved(sft_main, tmp_path):
 # your corpus, your tokenizer
 
 def test_pretrain_on_your_corpus_with_your_tokenizer(sft_main, ppo_main, read_log, snapshot, tmp_path, capsys):
-    from nanopost import tokenizer as tk
+    from nanopost import train_tokenizer
     corpus = tmp_path / "sonnet.txt"
     corpus.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n" * 30)
     bpe = tmp_path / "my.bpe"
-    tk.main([f"--data={corpus}", "--vocab_size=300", f"--out={bpe}"])
+    train_tokenizer.main([f"--data={corpus}", "--vocab_size=300", f"--out={bpe}"])
     out = tmp_path / "base"
     knobs = [f"--data={corpus}", f"--tokenizer={bpe}", "--max_iters=4", "--eval_interval=2"]
     capsys.readouterr()

@@ -203,11 +203,3 @@ def test_corpus_size(world, tok):
     n = sum(len(encode_doc(tok, d)) for s in world.skills for d in world.pretrain[s])
     assert 400_000 < n < 1_000_000, n
 
-
-def test_cli(tmp_path, capsys):
-    wm.main([f"--out_dir={tmp_path}", "--seed=3"])
-    assert "eval_prompts.jsonl" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="unknown argument"):
-        wm.main(["--sed=3"])
-    with pytest.raises(ValueError, match="--seed"):
-        wm.main(["--seed=x"])
