@@ -8,8 +8,6 @@ User data, and the batches both training scripts and the evaluation build from t
   PPO     prompts (load_ppo_prompts): {"prompt": str}, {"prompt": [messages]} or {"messages": [...]} ending with a
           user turn
   corpus  plain text, or .jsonl of {"text": str} (load_corpus)
-  pretraining docs (what nanopost.world.write_world writes): {"skill": str, "text": str}
-        or {"skill": str, "prompt": str, "completion": str}
 
 Strict on purpose: a training set that silently loses or misreads lines is worse than one that fails.
 Every problem is a UserError "path:LINE: what is wrong". In particular
@@ -78,15 +76,6 @@ def _records(path):
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
-
-
-def _check_keys(path, lineno, obj, allowed):
-    unknown = sorted(set(obj) - set(allowed))
-    if unknown:
-        raise UserError(f"{path}:{lineno}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
-    missing = [k for k in allowed if k not in obj]
-    if missing:
-        raise UserError(f"{path}:{lineno}: missing key(s) {missing}")
 
 
 def _text(path, lineno, value, what):
@@ -281,21 +270,6 @@ def load_prompts(path, builtin, tok, block_size, max_new_tokens, too_long="error
         raise UserError(f"--max_new_tokens={max_new_tokens}: the longest built-in prompt is {longest} tokens, and "
                         f"prompt + response must fit block_size={block_size}")
     return list(builtin)
-
-
-def load_docs_jsonl(path):
-    """Docs as written by write_world (pretrain, heldout_*) -> {skill: [Doc]}; Doc: str or dict(prompt, completion)."""
-    docs = {}
-    for lineno, obj in _records(path):
-        if "text" in obj:
-            _check_keys(path, lineno, obj, ["skill", "text"])
-            doc = _text(path, lineno, obj["text"], "text")
-        else:
-            _check_keys(path, lineno, obj, ["skill", "prompt", "completion"])
-            doc = dict(prompt=_text(path, lineno, obj["prompt"], "prompt"),
-                       completion=_text(path, lineno, obj["completion"], "completion"))
-        docs.setdefault(_text(path, lineno, obj["skill"], "skill"), []).append(doc)
-    return docs
 
 
 # -----------------------------------------------------------------------------

@@ -26,10 +26,6 @@ class Rollout:
     ended: torch.Tensor    # (B,) bool, the row sampled the end token before the length limit
     prompt_len: int        # P
 
-    @property
-    def response_tokens(self):
-        return self.tokens[:, self.prompt_len:]  # (B, N)
-
 
 def at_response(x, prompt_len):
     """(B, P+N, ...) per-position outputs -> (B, N, ...) the outputs that score the N response tokens.

@@ -219,11 +219,6 @@ class Tokenizer:
     def encode_response(self, response):
         return self.encode(response) + [self.eot_id]
 
-    def encode_chat(self, prompt, response):
-        """Token ids of a full chat example and the number of prompt tokens (loss is usually on the rest)."""
-        p = self.encode_prompt(prompt)
-        return p + self.encode_response(response), len(p)
-
     def __repr__(self):
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 

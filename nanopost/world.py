@@ -41,7 +41,8 @@ N in 10..99. Any "a+b=N" with non-negative a, b written without leading zeros is
 Other seeds give other people, facts, pairs and documents; the shipped tokenizer is trained on seed 0, so their
 names may take a token or two more.
 
-write_world(out_dir, seed) writes the world as JSONL, in the formats nanopost.data reads.
+write_world(out_dir, seed) writes the world as JSONL files; its SFT conversations and prompts are in the formats
+nanopost.data reads.
 """
 
 import functools

@@ -9,8 +9,8 @@ import torch
 import kernels
 from nanopost import data
 from nanopost.config import UserError
-from nanopost.data import (IGNORE, collate, load_conversations, load_docs_jsonl, load_ppo_prompts,
-                           load_prompts, pack, sft_example, sft_examples, windows)
+from nanopost.data import (IGNORE, collate, load_conversations, load_ppo_prompts, load_prompts, pack, sft_example,
+                           sft_examples, windows)
 from nanopost.tokenizer import get_tokenizer
 from nanopost.world import write_world
 
@@ -210,7 +210,7 @@ def test_ppo_errors(tmp_path, tok, content, line, what):
 
 def test_missing_file(tmp_path, tok):
     path = str(tmp_path / "nope.jsonl")
-    for load in (load_conversations, load_docs_jsonl, lambda p: load_ppo_prompts(p, tok, 64),
+    for load in (load_conversations, lambda p: load_ppo_prompts(p, tok, 64),
                  lambda p: data.load_corpus(p, tok, str(tmp_path))):
         with pytest.raises(UserError, match=f"^{re.escape(path)}: cannot read"):
             load(path)
@@ -224,9 +224,6 @@ def test_roundtrip_with_write_world(tmp_path, world, tok):
             [("user", ex["prompt"]), ("assistant", ex["completion"])] for ex in examples]
     assert load_ppo_prompts(os.path.join(tmp_path, "ppo_prompts.jsonl"), tok, 64) == w.ppo_prompts
     assert load_ppo_prompts(os.path.join(tmp_path, "eval_prompts.jsonl"), tok, 64) == w.eval_prompts
-    assert load_docs_jsonl(os.path.join(tmp_path, "pretrain.jsonl")) == w.pretrain
-    for s in w.skills:
-        assert load_docs_jsonl(os.path.join(tmp_path, f"heldout_{s}.jsonl")) == {s: w.heldout[s]}
 
 
 

@@ -40,12 +40,6 @@ def test_value_at_interpolates_along_the_trajectory():
     assert T.value_at([(0.2, 0.1)], 0.2) == 0.1 and T.value_at([(0.2, 0.1)], 0.3) is None
 
 
-def test_r_squared_hand_computed():
-    # x 1,2,3 and y 1,3,2: sxy = 1, sxx = syy = 2, r = 0.5
-    assert T.r_squared([1, 2, 3], [1, 3, 2]) == pytest.approx(0.25)
-    assert T.r_squared([1, 2, 3], [5, 5, 5]) is None
-
-
 def test_optimum_masses_hand_computed():
     ref = torch.tensor([0.1, 0.05, 0.05]).log()  # the reference's mass on 3 valid answers, demonstrator first
     pi = torch.tensor([0.5, 0.3, 0.1]).log()

@@ -76,8 +76,8 @@ def test_chat_layout(tok):
     r = tok.encode_response("2+2=4")
     assert p[0] == tok.user_id and p[-1] == tok.assistant_id and p[1:-1] == tok.encode("What is 2+2?")
     assert r[-1] == tok.eot_id and r[:-1] == tok.encode("2+2=4")
-    ids, n_prompt = tok.encode_chat("What is 2+2?", "2+2=4")
-    assert ids == p + r and n_prompt == len(p)
+    ids, learn = tok.encode_turns([("user", "What is 2+2?"), ("assistant", "2+2=4")])  # what SFT trains on
+    assert ids == p + r and learn == [False] * len(p) + [True] * len(r)
     assert tok.decode(ids) == "<|user|>What is 2+2?<|assistant|>2+2=4<|endoftext|>"
     assert tok.encode_response("") == [tok.eot_id]
 

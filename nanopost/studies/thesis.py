@@ -84,12 +84,6 @@ def bootstrap_ci(xs, level=0.95, n_boot=10000, seed=0):
     return float(x.mean()), float(lo), float(hi)
 
 
-def r_squared(xs, ys):
-    """R^2 of the least-squares line y = a + b x: for one predictor, the squared Pearson r. None if undefined."""
-    r = pearson(xs, ys)
-    return None if r is None else r * r
-
-
 # -----------------------------------------------------------------------------
 # diversity, measured against the KL-regularised optimum
 
