@@ -35,6 +35,26 @@ Two things make the proof hold beyond contiguous logits:
   "shift", shift_0 + a * shift_a + b * shift_b: its start and strides minus x's (addressing_like()). When the
   shifts are multiples of 16 (0 when the layouts match) the JIT says so and the compiler proves the phase;
   gradients are allocated so that they are (grad_rows()).
+
+What every forward keeps while it walks a row is the online softmax (Milakov & Gimelshein 2018, "Online normalizer
+calculation for softmax", arXiv:1805.02867), under the same names in all three kernels (kl.py walks two rows, x's
+and y's, and suffixes each name with _x or _y):
+
+    m       running max of the raw logits seen so far (-inf until the first finite one); m_new: after this chunk
+    shift   m_new, or 0 while m_new is still -inf (a masked chunk, a vocabulary slice banned with -inf):
+            exp(-inf - -inf) would be NaN. A NaN logit still makes d NaN through exp, whatever max did with it
+    alpha   exp((m - shift) / T): rescales what was summed under the old max to the new one (0 while m is -inf)
+    u       (x - shift) / T, the chunk's logits relative to the max (T = 1 in cross_entropy.py)
+    d       sum_j exp(u_j) over the columns seen so far
+    logd    log d, saved with m for the backward, which recomputes p_j = exp((x_j - m) / T - logd) from the two
+
+The max is subtracted before dividing by T: x - m is exact for the logits that matter, whereas x / T rounded at
+|x| ~ 1e4 is already off by ulp(|x| / T) ~ 1e-3 before anything is subtracted.
+
+Row offsets are int64 (program_id(0).to(tl.int64)): with N = 32k tokens and V = 128k, row * stride passes 2**31, and
+an int32 product wraps negative and reads memory before the tensor (the bug DeepSpeed PR #8591 fixed in its Triton
+kernels). A target or token column is loaded masked to the row, so an out-of-range index (on CUDA check_indices
+reports it asynchronously) never reads outside it.
 """
 
 import torch

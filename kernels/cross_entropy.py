@@ -12,10 +12,10 @@ auxiliary z-loss that keeps the softmax normalizer near 1 (PaLM, Chowdhery et al
 
 The kernel never materializes softmax: the forward streams the row once in BLOCK-sized chunks and keeps a running
 max m and a running sum d = sum_j exp(x_j - m), rescaling d whenever m grows (online softmax, Milakov &
-Gimelshein 2018, "Online normalizer calculation for softmax"). Only O(N) fp32 scalars are saved for backward,
-which streams the row once more and writes the gradient once, in the logits' dtype. The caller's logits are
-never overwritten (Liger-Kernel writes the gradient into the logits buffer in the forward; that saves memory
-but silently corrupts logits anyone else still holds).
+Gimelshein 2018, "Online normalizer calculation for softmax"; the names and the -inf guard are those of
+kernels/_rows.py). Only O(N) fp32 scalars are saved for backward, which streams the row once more and writes the
+gradient once, in the logits' dtype. The caller's logits are never overwritten (Liger-Kernel writes the gradient
+into the logits buffer in the forward; that saves memory but silently corrupts logits anyone else still holds).
 
 Memory traffic per row: forward reads V elements; backward reads V and writes V. The naive PyTorch version
 (float() + log_softmax + gather) also writes and re-reads (N, V) fp32 intermediates, each twice the bytes of
@@ -77,22 +77,18 @@ def _validate(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
 @triton.jit
 def _ce_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, t_ptr, loss_ptr, max_ptr, logd_ptr, n_cols,
                    ignore_index, eps, z_loss, SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
-    # int64 because with N = 32k tokens and V = 128k the offset passes 2**31: an int32 product wraps negative and
-    # reads memory before the tensor (the bug DeepSpeed PR #8591 fixed in its Triton kernels)
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # int64 row offsets, and the online softmax below: kernels/_rows.py
     first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
-    x_ptr += first  # the row is x_ptr[head : end], walked in chunks whose inner ones start on 16-byte boundaries
+    x_ptr += first  # the row is x_ptr[head : end] (chunk_grid)
     end = head + n_cols
     t = tl.load(t_ptr + row)
 
-    m = tl.zeros([], dtype=tl.float32) + float("-inf")  # running max
-    d = tl.zeros([], dtype=tl.float32)  # sum_j exp(x_j - m) over the columns seen so far
-    sum_x = tl.zeros([], dtype=tl.float32)
-    for off in range(0, end, BLOCK):  # kernels/_rows.py
+    m = tl.zeros([], dtype=tl.float32) + float("-inf")
+    d = tl.zeros([], dtype=tl.float32)
+    sum_x = tl.zeros([], dtype=tl.float32)  # sum_j x_j, for label smoothing
+    for off in range(0, end, BLOCK):
         x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)  # -inf outside the row
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        # subtract 0 instead of m_new while every logit so far is -inf (a masked chunk, a vocab slice banned with
-        # -inf): exp(-inf - -inf) would be NaN. A NaN logit makes the sum NaN whatever max did with it.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
@@ -101,7 +97,7 @@ def _ce_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, t_ptr, loss_
     logd = tl.log(d)
 
     valid = t != ignore_index
-    # masked so that an out-of-range target (CUDA reports it asynchronously) never reads outside the row
+    # masked: an out-of-range target reads nothing (kernels/_rows.py)
     x_t = tl.load(x_ptr + head + t, mask=valid & (t >= 0) & (t < n_cols), other=0.0).to(tl.float32)
     # lse = m + logd is never formed for the nll: at |x| ~ 1e4 rounding m + logd to fp32 costs ~5e-4, while
     # (m - x_t) + logd keeps every digit of the small result
@@ -125,9 +121,9 @@ def _ce_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, t_ptr, loss_
 def _ce_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_shift_0, dx_shift_a, dx_shift_b,
                    t_ptr, dloss_ptr, dloss_stride, max_ptr, logd_ptr, n_cols, ignore_index, eps, z_loss,
                    BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
+    row = tl.program_id(0).to(tl.int64)  # int64 row offsets: kernels/_rows.py
     first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
-    x_ptr += first  # the row is x_ptr[head : end] (see forward), and dx's is dx_ptr[head : end]
+    x_ptr += first  # the row is x_ptr[head : end], and dx's is dx_ptr[head : end]
     dx_ptr += first + _rows.offset(row, n_inner, dx_shift_0, dx_shift_a, dx_shift_b)
     end = head + n_cols
     t = tl.load(t_ptr + row)

@@ -7,19 +7,19 @@ Per-token KL divergence between two categorical distributions given as logits, f
     lse_p = logsumexp(x / T),  lse_q = logsumexp(y / T)                  -> KL is (...,) float32
 
 The forward reads each row of x and y exactly once: it keeps running maxima m_x, m_y of the raw logits,
-running sums s_x = sum exp((x - m_x)/T), s_y = sum exp((y - m_y)/T), and acc = sum exp((x - m_x)/T) u with
-u = (x - m_x)/T - (y - m_y)/T, rescaling them whenever a chunk raises a maximum ("online softmax",
-Milakov & Gimelshein 2018, "Online normalizer calculation for softmax", arXiv:1805.02867). Since
-log p_i - log q_i = u_i - log(s_x / s_y),
-    KL = acc / s_x - log(s_x / s_y).
-Only five floats per row (m_x, log s_x, m_y, log s_y, acc / s_x) are saved for the backward, which recomputes p
+running sums d_x = sum exp(u_x), d_y = sum exp(u_y) with u_x = (x - m_x)/T, u_y = (y - m_y)/T, and
+s = sum exp(u_x) u with u = u_x - u_y, rescaling them whenever a chunk raises a maximum (online softmax,
+Milakov & Gimelshein 2018, "Online normalizer calculation for softmax", arXiv:1805.02867; the names and the -inf
+guard are those of kernels/_rows.py, with _x and _y for the two rows). Since log p_i - log q_i = u_i - log(d_x / d_y),
+    KL = s / d_x - log(d_x / d_y).
+Only five floats per row (m_x, log d_x, m_y, log d_y, s / d_x) are saved for the backward, which recomputes p
 and q from the logits instead of storing an (N, V) probability matrix.
 Precision: nothing of the size of the logits is subtracted after rounding. u is formed relative to the maxima,
 not as (x - y)/T with the maxima taken out at the end: under offsets softmax ignores (x + 12, y - 6), sum p (x - y)/T
 and (m_x - m_y)/T would be ~18 each, and their fp32 rounding puts a KL of 1 off float64 by 3e-6 to 5e-6, 2.5 to 6
 times torch's log_softmax route; this form is off by 3e-7 to 4e-7 (test_kl_of_one_under_offsets in
-tests/test_kernels_kl.py). The normalizers enter as one log of their ratio, not log s_x - log s_y (each up to
-log V ~ 11). lse is kept split as (m, log s), so p_i = exp((x_i - m_x)/T - log s_x) never rounds an lse ~ 1e4
+tests/test_kernels_kl.py). The normalizers enter as one log of their ratio, not log d_x - log d_y (each up to
+log V ~ 11). lse is kept split as (m, log d), so p_i = exp((x_i - m_x)/T - log d_x) never rounds an lse ~ 1e4
 (spacing 1e-3); and x/T is never rounded before the max is subtracted (at T != 1 that alone costs ulp(|x|/T) per
 logit).
 
@@ -78,64 +78,58 @@ def _validate(logits, ref_logits, temperature):
 
 @triton.jit
 def _kl_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_shift_a, y_shift_b, n_inner, kl_ptr,
-                   mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr, n_cols, inv_temp, BLOCK: tl.constexpr):
-    # int64: row * stride exceeds 2**31 once N * V does (e.g. 14200 rows of V=151936), and an int32 product would
-    # silently wrap to a negative offset and read another row
-    row = tl.program_id(0).to(tl.int64)
+                   mean_ptr, max_x_ptr, logd_x_ptr, max_y_ptr, logd_y_ptr, n_cols, inv_temp, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64 row offsets, and the online softmax below: kernels/_rows.py
     first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
-    # x's row is x_ptr[head : end], walked in chunks whose inner ones start on 16-byte boundaries (kernels/_rows.py);
-    # y's row, addressed through its shifts, is y_ptr[head : end]
+    # x's row is x_ptr[head : end] (chunk_grid); y's row, addressed through its shifts, is y_ptr[head : end]
     x_ptr += first
     y_ptr += first + _rows.offset(row, n_inner, y_shift_0, y_shift_a, y_shift_b)
     end = head + n_cols
 
-    # The raw logits are shifted by their running max BEFORE the 1/T scaling: x/T rounded first would cost
-    # ulp(|x|/T) per logit (~1e-3 at |x| ~ 1e4), where x - max(x) is exact for the logits that matter.
-    m_x = tl.full([], float("-inf"), tl.float32)   # running max of x (raw)
+    m_x = tl.full([], float("-inf"), tl.float32)
     m_y = tl.full([], float("-inf"), tl.float32)
-    s_x = tl.zeros([], tl.float32)                 # sum exp((x - m_x)/T)
-    s_y = tl.zeros([], tl.float32)
-    acc = tl.zeros([], tl.float32)                 # sum exp((x - m_x)/T) u,  u = (x - m_x)/T - (y - m_y)/T
+    d_x = tl.zeros([], tl.float32)
+    d_y = tl.zeros([], tl.float32)
+    s = tl.zeros([], tl.float32)                   # sum exp(u_x) u,  u = u_x - u_y
     for off in range(0, end, BLOCK):
         x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)  # -inf outside the row
         y = _rows.load_chunk(y_ptr, off, head, end, BLOCK)
         m_x_new = tl.maximum(m_x, tl.max(x, axis=0))
         m_y_new = tl.maximum(m_y, tl.max(y, axis=0))
-        # While every entry seen so far is -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
-        sh_x = tl.where(m_x_new == float("-inf"), 0.0, m_x_new)
-        sh_y = tl.where(m_y_new == float("-inf"), 0.0, m_y_new)
-        alpha_x = tl.exp((m_x - sh_x) * inv_temp)  # 0 on the first finite chunk, since m_x = -inf
-        alpha_y = tl.exp((m_y - sh_y) * inv_temp)
-        a = (x - sh_x) * inv_temp
-        b = (y - sh_y) * inv_temp
-        e_x = tl.exp(a)
+        shift_x = tl.where(m_x_new == float("-inf"), 0.0, m_x_new)
+        shift_y = tl.where(m_y_new == float("-inf"), 0.0, m_y_new)
+        alpha_x = tl.exp((m_x - shift_x) * inv_temp)
+        alpha_y = tl.exp((m_y - shift_y) * inv_temp)
+        u_x = (x - shift_x) * inv_temp
+        u_y = (y - shift_y) * inv_temp
+        e_x = tl.exp(u_x)
         # p_i = 0 (x = -inf, incl. outside the row) adds 0, not 0 * inf = NaN. q_i = 0 under p_i > 0 adds
         # +inf explicitly, because e_x may have underflowed to 0 even though p_i > 0 mathematically.
-        term = tl.where(x == float("-inf"), 0.0, tl.where(y == float("-inf"), float("inf"), e_x * (a - b)))
-        # with the new maxima, the u of the columns seen so far moves by (sh_y - m_y)/T - (sh_x - m_x)/T; s_x == 0
-        # (no finite x yet) means there is nothing to move, and the where keeps -inf - -inf out
-        moved = tl.where(s_x > 0, s_x * ((sh_y - m_y) * inv_temp - (sh_x - m_x) * inv_temp), 0.0)
-        acc = (acc + moved) * alpha_x + tl.sum(term, axis=0)
-        s_x = s_x * alpha_x + tl.sum(e_x, axis=0)
-        s_y = s_y * alpha_y + tl.sum(tl.exp(b), axis=0)
+        term = tl.where(x == float("-inf"), 0.0, tl.where(y == float("-inf"), float("inf"), e_x * (u_x - u_y)))
+        # with the new maxima, the u of the columns seen so far moves by (shift_y - m_y)/T - (shift_x - m_x)/T;
+        # d_x == 0 (no finite x yet) means there is nothing to move, and the where keeps -inf - -inf out
+        moved = tl.where(d_x > 0, d_x * ((shift_y - m_y) * inv_temp - (shift_x - m_x) * inv_temp), 0.0)
+        s = (s + moved) * alpha_x + tl.sum(term, axis=0)
+        d_x = d_x * alpha_x + tl.sum(e_x, axis=0)
+        d_y = d_y * alpha_y + tl.sum(tl.exp(u_y), axis=0)
         m_x = m_x_new
         m_y = m_y_new
-    # A NaN input reaches s_x or s_y through exp(NaN) even where max() skips NaNs, so KL is NaN too.
-    mean = acc / s_x                               # E_p[u], kept for the backward
-    kl = mean - tl.log(s_x / s_y)
+    # A NaN input reaches d_x or d_y through exp(NaN) even where max() skips NaNs, so KL is NaN too.
+    mean = s / d_x                                 # E_p[u], kept for the backward
+    kl = mean - tl.log(d_x / d_y)
     tl.store(kl_ptr + row, kl)
     tl.store(mean_ptr + row, mean)
     tl.store(max_x_ptr + row, m_x)
-    tl.store(logs_x_ptr + row, tl.log(s_x))
+    tl.store(logd_x_ptr + row, tl.log(d_x))
     tl.store(max_y_ptr + row, m_y)
-    tl.store(logs_y_ptr + row, tl.log(s_y))
+    tl.store(logd_y_ptr + row, tl.log(d_y))
 
 
 # Backward. With a_i = log p_i = x_i/T - lse_p, b_i = log q_i = y_i/T - lse_q, KL = sum_j p_j (a_j - b_j):
 #   d a_j / d x_i = (delta_ij - p_i) / T,   d p_j / d x_i = p_j (delta_ij - p_i) / T,   d b_j / d y_i likewise
 #   dKL/dx_i = sum_j p_j (delta_ij - p_i)(a_j - b_j)/T + sum_j p_j (delta_ij - p_i)/T
 #            = p_i (a_i - b_i - KL) / T             (the second sum is (p_i - p_i)/T = 0)
-#            = p_i (u_i - E_p[u]) / T               (a_i - b_i = u_i - log(s_x / s_y), the constant cancels)
+#            = p_i (u_i - E_p[u]) / T               (a_i - b_i = u_i - log(d_x / d_y), the constant cancels)
 #   dKL/dy_i = -sum_j p_j (delta_ij - q_i) / T = (q_i - p_i) / T
 # with u_i = (x_i - m_x)/T - (y_i - m_y)/T as in the forward. The last form of dKL/dx avoids lse_p - lse_q - KL,
 # a difference of numbers of the size of the logits: with |logits| ~ 1e4 it would lose ~1e-3 of absolute accuracy
@@ -144,9 +138,9 @@ def _kl_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_s
 @triton.jit
 def _kl_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_shift_a, y_shift_b, n_inner, dx_ptr,
                    dx_shift_0, dx_shift_a, dx_shift_b, dy_ptr, dy_shift_0, dy_shift_a, dy_shift_b, dkl_ptr, dkl_stride,
-                   mean_ptr, max_x_ptr, logs_x_ptr, max_y_ptr, logs_y_ptr, n_cols, inv_temp, NEED_DX: tl.constexpr,
+                   mean_ptr, max_x_ptr, logd_x_ptr, max_y_ptr, logd_y_ptr, n_cols, inv_temp, NEED_DX: tl.constexpr,
                    NEED_DY: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
+    row = tl.program_id(0).to(tl.int64)  # int64 row offsets: kernels/_rows.py
     first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
     # from here on each row is ptr[head : end], as in the forward
     x_ptr += first
@@ -157,21 +151,21 @@ def _kl_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_s
     g = tl.load(dkl_ptr + row * dkl_stride) * inv_temp
     mean = tl.load(mean_ptr + row)
     m_x = tl.load(max_x_ptr + row)
-    log_s_x = tl.load(logs_x_ptr + row)
+    logd_x = tl.load(logd_x_ptr + row)
     m_y = tl.load(max_y_ptr + row)
-    log_s_y = tl.load(logs_y_ptr + row)
+    logd_y = tl.load(logd_y_ptr + row)
     for off in range(0, end, BLOCK):
         x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)  # raw, as in the forward
         y = _rows.load_chunk(y_ptr, off, head, end, BLOCK)
-        a = (x - m_x) * inv_temp  # log p + log s_x
-        b = (y - m_y) * inv_temp  # log q + log s_y
-        p = tl.exp(a - log_s_x)
+        u_x = (x - m_x) * inv_temp  # log p + logd_x
+        u_y = (y - m_y) * inv_temp  # log q + logd_y
+        p = tl.exp(u_x - logd_x)
         if NEED_DX:
             # p_i = 0 has zero gradient; unmasked it would be 0 * (-inf - ...) = NaN
-            dx = tl.where(a == float("-inf"), 0.0, p * ((a - b) - mean)) * g
+            dx = tl.where(u_x == float("-inf"), 0.0, p * ((u_x - u_y) - mean)) * g
             _rows.store_chunk(dx_ptr, off, head, end, dx, BLOCK)
         if NEED_DY:
-            _rows.store_chunk(dy_ptr, off, head, end, (tl.exp(b - log_s_y) - p) * g, BLOCK)
+            _rows.store_chunk(dy_ptr, off, head, end, (tl.exp(u_y - logd_y) - p) * g, BLOCK)
 
 
 # -----------------------------------------------------------------------------

@@ -10,11 +10,12 @@ Policy-gradient losses need logp of the sampled tokens (PPO's ratio) and often H
 the same streaming pass. With a running max m of the raw logits, u_j = (x_j - m) / T = y_j - max(y),
 d = sum_j exp(u_j) and s = sum_j exp(u_j) u_j:
     lse = m / T + log d,   logp = (x_t - m) / T - log d,   H = log d - s / d,
-and when the running max moves from m to m' both sums are rescaled, with a = exp((m - m') / T):
-    d' = a d,   s' = a (s + d (m - m') / T)
+and when the running max moves from m to m' both sums are rescaled, with alpha = exp((m - m') / T):
+    d' = alpha d,   s' = alpha (s + d (m - m') / T)
 (online softmax, Milakov & Gimelshein 2018, "Online normalizer calculation for softmax", extended to the
-first moment). Writing everything relative to m, and dividing by T only after subtracting it, keeps rows of
-magnitude 1e4 exact in fp32: nothing of size |x| is subtracted from another thing of size |x| after rounding.
+first moment; the names and the -inf guard are those of kernels/_rows.py). Writing everything relative to m, and
+dividing by T only after subtracting it, keeps rows of magnitude 1e4 exact in fp32: nothing of size |x| is
+subtracted from another thing of size |x| after rounding.
 
 Memory traffic per row: forward reads V elements; backward reads V and writes V. The PyTorch version
 (log_softmax in fp32, gather, then p * logp for H) writes and re-reads several (N, V) fp32 tensors.
@@ -59,37 +60,32 @@ def _validate(logits, tokens, temperature):
 @triton.jit
 def _logprobs_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, t_ptr, logp_ptr, ent_ptr, max_ptr,
                          logd_ptr, n_cols, inv_temp, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
-    # int64 because with N = 32k tokens and V = 128k the offset passes 2**31: an int32 product wraps negative and
-    # reads memory before the tensor (the bug DeepSpeed PR #8591 fixed in its Triton kernels)
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # int64 row offsets, and the online softmax below: kernels/_rows.py
     first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
-    x_ptr += first  # the row is x_ptr[head : end], walked in chunks whose inner ones start on 16-byte boundaries
+    x_ptr += first  # the row is x_ptr[head : end] (chunk_grid)
     end = head + n_cols
     t = tl.load(t_ptr + row)
 
-    m = tl.zeros([], dtype=tl.float32) + float("-inf")  # running max of the raw logits
-    d = tl.zeros([], dtype=tl.float32)  # sum_j exp(u_j), u_j = (x_j - m) / T
-    s = tl.zeros([], dtype=tl.float32)  # sum_j exp(u_j) u_j
-    for off in range(0, end, BLOCK):  # kernels/_rows.py
+    m = tl.zeros([], dtype=tl.float32) + float("-inf")
+    d = tl.zeros([], dtype=tl.float32)
+    s = tl.zeros([], dtype=tl.float32)  # sum_j exp(u_j) u_j, for the entropy
+    for off in range(0, end, BLOCK):
         x = _rows.load_chunk(x_ptr, off, head, end, BLOCK)  # -inf outside the row
-        # m tracks the max of the raw logits and the difference is scaled afterwards: (x - m) is exact for
-        # nearby values, whereas x / T rounded at |x| ~ 1e4 would already be off by ~1e-3 before subtracting
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        # 0 instead of m_new while every logit so far is -inf: exp(-inf - -inf) would be NaN (cross_entropy.py)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a = tl.exp((m - shift) * inv_temp)
+        alpha = tl.exp((m - shift) * inv_temp)
         u = (x - shift) * inv_temp  # y - max(y)
         e = tl.exp(u)
         if ENTROPY:
             # the where()s turn 0 * -inf into 0 * 0: e == 0 for a -inf logit, and d == 0 while m is still -inf.
             # A NaN logit makes e NaN, which survives the product.
-            s = a * (s + d * tl.where(d > 0, (m - shift) * inv_temp, 0.0))
+            s = alpha * (s + d * tl.where(d > 0, (m - shift) * inv_temp, 0.0))
             s += tl.sum(e * tl.where(e > 0, u, 0.0), axis=0)
-        d = d * a + tl.sum(e, axis=0)
+        d = d * alpha + tl.sum(e, axis=0)
         m = m_new
     logd = tl.log(d)
 
-    # masked so that an out-of-range token (CUDA reports it asynchronously) never reads outside the row
+    # masked: an out-of-range token reads nothing (kernels/_rows.py)
     x_t = tl.load(x_ptr + head + t, mask=(t >= 0) & (t < n_cols), other=0.0).to(tl.float32)
     tl.store(logp_ptr + row, (x_t - m) * inv_temp - logd)
     if ENTROPY:
@@ -109,9 +105,9 @@ def _logprobs_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, t_ptr,
 def _logprobs_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, n_inner, dx_ptr, dx_shift_0, dx_shift_a,
                          dx_shift_b, t_ptr, dlogp_ptr, dlogp_stride, dent_ptr, dent_stride, ent_ptr, max_ptr, logd_ptr,
                          n_cols, inv_temp, HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 (see forward)
+    row = tl.program_id(0).to(tl.int64)  # int64 row offsets: kernels/_rows.py
     first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
-    x_ptr += first  # the row is x_ptr[head : end] (see forward), and dx's is dx_ptr[head : end]
+    x_ptr += first  # the row is x_ptr[head : end], and dx's is dx_ptr[head : end]
     dx_ptr += first + _rows.offset(row, n_inner, dx_shift_0, dx_shift_a, dx_shift_b)
     end = head + n_cols
     t = tl.load(t_ptr + row)
