@@ -18,7 +18,7 @@ The default pipeline (CPU, 2 cores, ~1M-parameter model; the README has the numb
 
 More GPUs: torchrun --standalone --nproc_per_node=8 train_sft.py --data=sft --init_from=...
 Resume:    python train_sft.py --init_from=resume --out_dir=out/sft [--max_iters=300 ...]: the
-           checkpoint's config with the knobs you give; run-defining ones (RUN_DEFINING) stay.
+           checkpoint's config with the knobs you give, except run-defining ones (RUN_DEFINING).
 Any knob:  --key=value (python train_sft.py --help lists them all).
 
 Deliberate choices and deviations:
