@@ -143,6 +143,37 @@ def mean_loss(model, batches, device):
     return total / count
 
 
+def lm_val_metrics(model, batches, device):
+    """A language model's held-out metrics in train_sft.py: {"val_loss": mean_loss(...)}, the
+    counterpart of a reward model's nanopost.prefs.pair_metrics."""
+    return dict(val_loss=mean_loss(model, batches, device))
+
+
+def continuation(model, tok, stream, max_new_tokens, temperature, seed, device):
+    """A sample continuing the first 16 tokens of a held-out token stream: what the model has learned
+    to write (train_sft.py's eval on your corpus)."""
+    start = [int(t) for t in stream[:16]]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out, _, _ = model.generate([start], max_new_tokens, temperature=temperature, generator=gen)
+    return tok.decode_text(start) + " >>> " + tok.decode_text(out[0, len(start):].tolist())
+
+
+def lm_metrics(model, tok, world, prompts, heldout_docs, stream, temperature, max_new_tokens, seed,
+               device):
+    """train_sft.py's evaluation of a language model beyond the val loss: with the built-in world, the
+    held-out loss per pretraining skill (forgetting) and the task eval on prompts (none: skipped); with
+    a held-out token stream, a sample continuing it. -> dict"""
+    record = {}
+    if world is not None:
+        record["heldout"] = heldout_losses(model, tok, world, device, max_docs=heldout_docs)
+    if prompts:
+        record["task"] = task_eval(model, tok, world, prompts, k=1, temperature=temperature,
+                                   max_new_tokens=max_new_tokens, seed=seed, device=device)
+    if stream is not None:
+        record["sample"] = continuation(model, tok, stream, max_new_tokens, temperature, seed, device)
+    return record
+
+
 @torch.no_grad()
 def probe_accuracy(model, tok, world, device, max_probes=64):
     """

@@ -57,3 +57,46 @@ class RunLog:
 def format_eta(seconds):
     m, s = divmod(int(max(seconds, 0)), 60)
     return f"{m}m{s:02d}s"
+
+
+TASK_SHOWN = ("accuracy", "ended", "well_formed", "distinct_valid")  # printed; log.jsonl has all
+
+
+def train_line(record, max_iters, show_kl):
+    """train_sft.py's train record as the line it prints; the KL when anchored, a reward model's
+    pairwise accuracy when the record has it."""
+    line = (f"step {record['step']}/{max_iters} | loss {record['loss']:.4f} "
+            f"| lr {record['lr']:.1e} | tok/s {record['tok_per_s']:.0f} "
+            f"| eta {format_eta(record['eta_s'])}")
+    if show_kl:
+        line += f" | kl {record['kl']:.4f}"
+    if "acc" in record:
+        line += f" | acc {record['acc']:.3f}"
+    return line
+
+
+def eval_line(record, max_iters):
+    """train_sft.py's eval record as the line it prints: the val loss, a reward model's accuracies,
+    the held-out loss per skill, the task eval's TASK_SHOWN, a sample on the next line."""
+    line = f"eval {record['step']}/{max_iters} | val {record['val_loss']:.4f}"
+    line += "".join(f" | {k} {v:.3f}" for k, v in record.items() if k.startswith("acc"))
+    if "heldout" in record:
+        line += " | heldout " + " ".join(f"{s} {v:.4f}" for s, v in record["heldout"].items())
+    if "task" in record:
+        line += " | task " + " ".join(f"{k} {record['task'][k]:.3f}" for k in TASK_SHOWN)
+    if "sample" in record:
+        line += f"\nsample {record['step']}: {record['sample']!r}"
+    return line
+
+
+def print_before_after(first, last, seconds, n_prompts):
+    """The summary of a train_sft.py run from its first and last eval records: the val loss, the
+    held-out loss per pretraining skill (forgetting) and the task accuracy, before -> after."""
+    print(f"done in {format_eta(seconds)}. before -> after: val loss {first['val_loss']:.4f} -> "
+          f"{last['val_loss']:.4f}"
+          + ("; held-out loss per pretraining skill:" if "heldout" in first else ""))
+    for s, before in first.get("heldout", {}).items():
+        print(f"  {s:12s} {before:.4f} -> {last['heldout'][s]:.4f}")
+    if "task" in first and "task" in last:
+        print(f"task accuracy on {n_prompts} held-out prompts: {first['task']['accuracy']:.3f} -> "
+              f"{last['task']['accuracy']:.3f}")
