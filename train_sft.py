@@ -3,7 +3,7 @@ Pretraining, supervised fine-tuning (SFT) and reward models of a tiny GPT in one
 
 --data chooses the objective and its data (nanopost.batches describes the formats and splits):
   pretrain | FILE.txt   next-token cross-entropy on every token of the built-in corpus, or of yours
-                        (--tokenizer=my.bpe from `python -m nanopost.tokenizer` for a scratch model)
+                        (--tokenizer=my.bpe from `python -m nanopost.train_tokenizer` for a scratch model)
   sft | FILE.jsonl      the same on response tokens only: the built-in demonstrations, or your
                         conversations; prompts and padding get target IGNORE (InstructGPT's SFT)
   prefs | PAIRS.jsonl   a reward model (RewardModel: the trunk and a scalar head read at the last
@@ -145,7 +145,7 @@ RUN_DEFINING = ("data", "seed", "world_seed", "tokenizer", "batch_size", "grad_a
                 "n_head", "n_embd", "block_size", "pos_emb", "dropout", "lr_decay_iters",
                 "too_long")
 
-# knobs left at -1 (or "") take these; nanopost/RESULTS.md ("Stage defaults") says why
+# knobs left at -1 (or "") take these; nanopost/studies/RESULTS.md ("Stage defaults") says why
 STAGE_DEFAULTS = {
     "pretrain": dict(out_dir="out/base", max_iters=2400, batch_size=8, learning_rate=1.5e-3),
     "sft": dict(out_dir="out/sft", max_iters=150, batch_size=32, learning_rate=1e-3),
