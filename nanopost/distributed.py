@@ -90,6 +90,12 @@ def all_reduce_max(t):
     return t
 
 
+
+def sum_over_ranks(values):
+    """{name: scalar tensor} -> {name: float}, each summed over ranks, all of them in one collective."""
+    total = all_reduce_sum(torch.stack([v.detach().double() for v in values.values()]))
+    return dict(zip(values, total.tolist()))
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -1,6 +1,7 @@
 """
 Rollouts: a batch of text prompts in, sampled responses out, in the padded tensor layout that PPO and the
-evaluation both use, and the one function that says which model output scores which response token.
+evaluation both use, and the one function that says which model output scores which response token; which
+prompts a PPO run samples and how its batch splits over ranks, groups and minibatches.
 
 Layout of one rollout of B prompts, P = longest prompt in tokens, N = max_new_tokens:
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from nanopost.config import UserError
+from nanopost.data import load_prompts
 
 
 @dataclass
@@ -63,3 +66,25 @@ def rollout(model, tok, prompts, max_new_tokens, temperature=1.0, top_k=None, ge
         ids = [t for t, r in zip(row, real) if r and t != tok.eot_id]
         responses.append(tok.decode(ids))
     return Rollout(list(prompts), responses, tokens, mask, response_mask, logprobs, ended, P)
+
+
+def train_eval_prompts(path, builtin, builtin_eval, n_eval, tok, block_size, max_new_tokens, too_long):
+    """-> (the prompts PPO samples, the held-out prompts its evaluation scores), each checked against the
+    context now, not when a batch happens to draw one: from your file, its held-out tail (n_eval, a tenth at
+    most); else the built-in lists."""
+    train = load_prompts(path, builtin, tok, block_size, max_new_tokens, too_long)
+    if not path:
+        return train, load_prompts("", builtin_eval, tok, block_size, max_new_tokens)
+    n_train = len(train) - min(n_eval, len(train) // 10)
+    return train[:n_train], train[n_train:]
+
+
+def split_batch(batch_size, group_size, num_minibatches, world_size):
+    """A global batch of batch_size responses in groups of group_size samples of one prompt, over ranks
+    (a group stays on one rank) -> (prompts per iteration, prompts per rank, rows per minibatch)."""
+    local_bs = batch_size // world_size
+    if batch_size % world_size or local_bs % num_minibatches or local_bs % group_size:
+        raise UserError(f"--batch_size={batch_size}: must split evenly over {world_size} rank(s) and then "
+                        f"into --num_minibatches={num_minibatches} and into groups of --group_size="
+                        f"{group_size} (a group stays on one rank)")
+    return batch_size // group_size, local_bs // group_size, local_bs // num_minibatches
