@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from nanopost.checkpoint import check_model_finite, read_torch_file, save_checkpoint
-from nanopost.config import UserError
+from nanopost.config import UserError, parse_config, validate
 from nanopost.distributed import all_gather, print0
 from nanopost.gpt2 import load_folder
 from nanopost.model import GPT, GPTConfig, ValueModel
@@ -94,6 +94,22 @@ def resume_config(cls, given, ckpt, path, script, fixed):
     return cls(**{**saved, **given, "init_from": saved.get("init_from", "scratch")})
 
 
+def open_run(cls, argv, script, fixed):
+    """The config of a run (cls, knobs from argv, each in its range) and the checkpoint it starts from -> (cfg,
+    the knobs given, ckpt, resume, out_dir/ckpt.pt): --init_from's, or with --init_from=resume the run's own,
+    out_dir/ckpt.pt, whose saved config the given knobs override (resume_config: `fixed` ones may not change)."""
+    cfg, given = parse_config(cls, argv)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    resume = cfg.init_from == "resume"
+    init_path = ckpt_path if resume else cfg.init_from
+    ckpt = load_checkpoint(init_path)
+    refuse_reward_model(ckpt, cfg.init_from)
+    if resume:
+        cfg = resume_config(cls, given, ckpt, ckpt_path, script, fixed)
+    validate(cfg)
+    return cfg, given, ckpt, resume, ckpt_path
+
+
 def load_policy_and_reference(ckpt, resume, device):
     """PPO's policy and its frozen reference, the initial policy (saved as "ref_model" by a run, so a resumed
     run keeps the reference it started with), and their model_args: dropout 0, or rollout and update would
@@ -130,8 +146,8 @@ def start_or_resume(seed, rt, optimizers, ckpt=None, path=None):
     each rank's streams, every global RNG, the optimizers' state (at this run's learning rates).
 
     Streams: "data" draws the prompt order, the same on every rank (they agree on the global batch); "shuffle"
-    (minibatches) and "sample" (responses, on the run's device) are one per rank. `optimizers`: a list of
-    (optimizer, its checkpoint key, this run's learning rate)."""
+    (minibatches) and "sample" (responses, on the run's device) are one per rank. `optimizers`: {checkpoint key:
+    optimizer}, each keeping this run's learning rate."""
     streams = dict(data=torch.Generator().manual_seed(seed),
                    shuffle=torch.Generator().manual_seed(seed + 1 + rt.rank),
                    sample=torch.Generator(device=rt.device).manual_seed(seed + 1000 + rt.rank))
@@ -140,9 +156,10 @@ def start_or_resume(seed, rt, optimizers, ckpt=None, path=None):
     if len(ckpt["rank_rng"]) != rt.world_size:
         raise UserError(f"{path} was written by {len(ckpt['rank_rng'])} rank(s); resume it with as many "
                         f"(this run has {rt.world_size})")
-    for opt, key, lr in optimizers:
+    for key, opt in optimizers.items():
+        lr = opt.param_groups[0]["lr"]  # this run's, which may differ from the saved one (printed as changed)
         opt.load_state_dict(ckpt[key])
-        opt.param_groups[0]["lr"] = lr  # this run's, which may differ from the saved one (printed as changed)
+        opt.param_groups[0]["lr"] = lr
     streams["data"].set_state(ckpt["data_rng"])
     streams["shuffle"].set_state(ckpt["rank_rng"][rt.rank]["shuffle"])
     streams["sample"].set_state(ckpt["rank_rng"][rt.rank]["sample"])
@@ -151,9 +168,11 @@ def start_or_resume(seed, rt, optimizers, ckpt=None, path=None):
 
 
 def save_run(path, models, limits, streams, master, **entries):
-    """Save `entries` (step among them) and every RNG a resumed run replays (start_or_resume reads them back).
-    Collective: every rank contributes its streams; rank 0 writes. A model grown non-finite or past its limits
-    stops the run first (Diverged), the last good checkpoint kept."""
+    """Save `entries` (step among them; a model or an optimizer as its state_dict) and every RNG a resumed run
+    replays (start_or_resume reads them back). Collective: every rank contributes its streams; rank 0 writes. A
+    model grown non-finite or past its limits stops the run first (Diverged), the last good checkpoint kept."""
+    entries = {k: v.state_dict() if isinstance(v, (torch.nn.Module, torch.optim.Optimizer)) else v
+               for k, v in entries.items()}
     check_model_finite(entries["step"], path, models, limits)  # identical on every rank
     rank_rng = all_gather(dict(shuffle=streams["shuffle"].get_state(), sample=streams["sample"].get_state()))
     if master:

@@ -69,18 +69,17 @@ def load_reward_fn(spec, world):
 
 
 def setup_rewards(reward_fn, reward_model, prompts, world, tok, block_size, device):
-    """--reward_fn, --reward_model and --prompts -> (reward_fn, reward_model or None). Beside a reward model
-    the verifier stays reward_fn (PPO logs it as gold), except on your prompts, which have none: there the
-    evaluation scores with the reward model."""
+    """--reward_fn, --reward_model and --prompts -> (reward_fn, reward_model or None, what the evaluation scores
+    with: reward_fn on your prompts or with your function, else None, the verifier's own metrics). Beside a
+    reward model the verifier stays reward_fn (PPO logs it as gold), except on your prompts, which have none:
+    there the reward model scores."""
     if reward_model and reward_fn:
         raise UserError(f"--reward_model={reward_model} --reward_fn={reward_fn}: give one reward, not two")
     fn = load_reward_fn(reward_fn, world)
-    if not reward_model:
-        return fn, None
-    model = load_reward_model(reward_model, tok, block_size, device)
-    if prompts:
+    model = load_reward_model(reward_model, tok, block_size, device) if reward_model else None
+    if model is not None and prompts:
         fn = model.score_texts
-    return fn, model
+    return fn, model, fn if prompts or reward_fn else None
 
 
 def score_rollout(samples, reward_fn, reward_model, rt, with_gold):
