@@ -90,6 +90,18 @@ def all_reduce_max(t):
     return t
 
 
+def sum_over_ranks(values):
+    """{name: scalar tensor} -> {name: float}, each summed over ranks, all of them in one collective."""
+    total = all_reduce_sum(torch.stack([v.detach().double() for v in values.values()]))
+    return dict(zip(values, total.tolist()))
+
+
+def any_rank(flag, device):
+    """Whether `flag` holds on any rank, the same answer on all: ranks that stop must stop together, else
+    one would wait forever in the next collective."""
+    return all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -43,7 +43,7 @@ import torch
 
 import kernels
 from nanopost.config import UserError, entry, knob, parse_config, validate
-from nanopost.distributed import resolve_device
+from nanopost.distributed import barrier, resolve_device
 from nanopost.loading import load_model
 from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_ppo_prompts,
                            sft_example, spread_windows)
@@ -524,3 +524,21 @@ def main(argv):
 
 if __name__ == "__main__":
     entry(main)
+
+
+def evaluate_policy(step, policy, tok, prompts, world, reward_fn, log, rt, k, temperature, max_new_tokens):
+    """Rank 0 samples k responses per held-out prompt (the others wait) and scores them: the verifier's metrics,
+    or with reward_fn, your reward's (above); printed and logged. -> the metrics, None on the other
+    ranks or without prompts."""
+    res = None
+    if rt.master and prompts:
+        kw = dict(k=k, temperature=temperature, seed=0, device=rt.device, max_new_tokens=max_new_tokens)
+        with torch.no_grad(), rt.autocast():
+            if reward_fn is None:
+                res = task_eval(policy, tok, world, prompts, **kw)
+            else:
+                res = reward_eval(policy, tok, prompts, reward_fn, **kw)
+        print(f"eval {step} | " + " | ".join(f"{name} {v:.4f}" for name, v in res.items()), flush=True)
+        log.write(dict(kind="eval", step=step, **res))
+    barrier()
+    return res

@@ -68,6 +68,36 @@ def load_reward_fn(spec, world):
     return user_reward
 
 
+def setup_rewards(reward_fn, reward_model, prompts, world, tok, block_size, device):
+    """--reward_fn, --reward_model and --prompts -> (reward_fn, reward_model or None, what the evaluation scores
+    with: reward_fn on your prompts or with your function, else None, the verifier's own metrics). Beside a
+    reward model the verifier stays reward_fn (PPO logs it as gold), except on your prompts, which have none:
+    there the reward model scores."""
+    if reward_model and reward_fn:
+        raise UserError(f"--reward_model={reward_model} --reward_fn={reward_fn}: give one reward, not two")
+    fn = load_reward_fn(reward_fn, world)
+    model = load_reward_model(reward_model, tok, block_size, device) if reward_model else None
+    if model is not None and prompts:
+        fn = model.score_texts
+    return fn, model, fn if prompts or reward_fn else None
+
+
+def score_rollout(samples, reward_fn, reward_model, rt, with_gold):
+    """A rollout's scores -> (B floats, gold): reward_fn's (checked by score_responses), or the reward
+    model's, one forward of the whole batch read at each row's last real token. Beside a reward model,
+    with_gold also scores with reward_fn (the verifier): gold, (B,) float64, where the proxy and the truth
+    part; None otherwise."""
+    ended = samples.ended.tolist()
+    if reward_model is None:
+        return score_responses(reward_fn, samples.prompts, samples.responses, ended), None
+    gold = None
+    if with_gold:
+        gold = torch.tensor(score_responses(reward_fn, samples.prompts, samples.responses, ended),
+                            dtype=torch.float64, device=rt.device)
+    with torch.no_grad(), rt.autocast():
+        return reward_model(samples.tokens, samples.mask).tolist(), gold
+
+
 def score_responses(reward_fn, prompts, responses, ended):
     """Call reward_fn and check what comes back: a finite float for every response, in order.
     Anything else stops the run with a message that names the prompt at fault."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kernels
+import nanopost.loading
 import train_ppo
 from nanopost.config import Diverged, UserError
 from nanopost.loading import load_model
@@ -388,7 +389,7 @@ def test_critic_free_builds_no_value_model_and_learns(advantage, tiny_ckpt, ppo_
 
     def no_value_model(*args, **kw):
         raise AssertionError("a value model was built for a critic-free run")
-    monkeypatch.setattr(train_ppo, "ValueModel", no_value_model)
+    monkeypatch.setattr(nanopost.loading, "ValueModel", no_value_model)
     out = tmp_path / advantage
     ppo_main([f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=0",
               "--batch_size=16", "--learning_rate=1e-2", f"--advantage={advantage}", "--group_size=4",
