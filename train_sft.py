@@ -3,7 +3,7 @@ Pretraining, supervised fine-tuning (SFT) and reward models of a tiny GPT in one
 
 --data chooses the objective and its data (nanopost.batches describes the formats and splits):
   pretrain | FILE.txt   next-token cross-entropy on every token of the built-in corpus, or of yours
-                        (a scratch model: --tokenizer=my.bpe from `python -m nanopost.train_tokenizer`)
+                        (a scratch model: --tokenizer=X.bpe, `python -m nanopost.train_tokenizer`)
   sft | FILE.jsonl      the same on response tokens only: the built-in demonstrations, or your
                         conversations; prompts and padding get target IGNORE (InstructGPT's SFT)
   prefs | PAIRS.jsonl   a reward model (RewardModel: the trunk and a scalar head read at the last
