@@ -1,37 +1,39 @@
 """
-Per-token KL divergence between two categorical distributions given as logits, fused in one Triton pass.
+Per-token KL divergence between two categorical distributions given as logits, fused in one Triton
+pass.
 
     p = softmax(x / T),  q = softmax(y / T)            x = logits, y = ref_logits, both (..., V)
     KL(p || q) = sum_i p_i (log p_i - log q_i)
                = sum_i p_i (x_i - y_i) / T  -  lse_p  +  lse_q          (sum_i p_i = 1)
     lse_p = logsumexp(x / T),  lse_q = logsumexp(y / T)                  -> KL is (...,) float32
 
-The forward reads each row of x and y exactly once: it keeps running maxima m_x, m_y of the raw logits,
-running sums d_x = sum exp(u_x), d_y = sum exp(u_y) with u_x = (x - m_x)/T, u_y = (y - m_y)/T, and
-s = sum exp(u_x) u with u = u_x - u_y, rescaling them whenever a chunk raises a maximum (online softmax,
-Milakov & Gimelshein 2018, "Online normalizer calculation for softmax", arXiv:1805.02867; the names and the -inf
-guard are those of kernels/_rows.py, with _x and _y for the two rows). Since log p_i - log q_i = u_i - log(d_x / d_y),
+The forward reads each row of x and y exactly once: it keeps running maxima m_x, m_y of the raw
+logits, running sums d_x = sum exp(u_x), d_y = sum exp(u_y) with u_x = (x - m_x)/T,
+u_y = (y - m_y)/T, and s = sum exp(u_x) u with u = u_x - u_y, rescaling them whenever a chunk
+raises a maximum (online softmax, Milakov & Gimelshein 2018, "Online normalizer calculation for
+softmax", arXiv:1805.02867; the names and the -inf guard are those of kernels/_rows.py, with _x and
+_y for the two rows). Since log p_i - log q_i = u_i - log(d_x / d_y),
     KL = s / d_x - log(d_x / d_y).
-Only five floats per row (m_x, log d_x, m_y, log d_y, s / d_x) are saved for the backward, which recomputes p
-and q from the logits instead of storing an (N, V) probability matrix.
-Precision: nothing of the size of the logits is subtracted after rounding. u is formed relative to the maxima,
-not as (x - y)/T with the maxima taken out at the end: under offsets softmax ignores (x + 12, y - 6), sum p (x - y)/T
-and (m_x - m_y)/T would be ~18 each, and their fp32 rounding puts a KL of 1 off float64 by 3e-6 to 5e-6, 2.5 to 6
-times torch's log_softmax route; this form is off by 3e-7 to 4e-7 (test_kl_of_one_under_offsets in
-tests/test_kernels_kl.py). The normalizers enter as one log of their ratio, not log d_x - log d_y (each up to
-log V ~ 11). lse is kept split as (m, log d), so p_i = exp((x_i - m_x)/T - log d_x) never rounds an lse ~ 1e4
-(spacing 1e-3); and x/T is never rounded before the max is subtracted (at T != 1 that alone costs ulp(|x|/T) per
-logit).
+Only five floats per row (m_x, log d_x, m_y, log d_y, s / d_x) are saved for the backward, which
+recomputes p and q from the logits instead of storing an (N, V) probability matrix.
+Precision: nothing of the size of the logits is subtracted after rounding. u is formed relative to
+the maxima, not as (x - y)/T with the maxima taken out at the end: under offsets softmax ignores
+(x + 12, y - 6), sum p (x - y)/T and (m_x - m_y)/T would be ~18 each, and their fp32 rounding puts
+a KL of 1 off float64 by 3e-6 to 5e-6, 2.5 to 6 times torch's log_softmax route; this form is off
+by 3e-7 to 4e-7 (test_kl_of_one_under_offsets in tests/test_kernels_kl.py). The normalizers enter
+as one log of their ratio, not log d_x - log d_y (each up to log V ~ 11). lse is kept split as
+(m, log d), so p_i = exp((x_i - m_x)/T - log d_x) never rounds an lse ~ 1e4 (spacing 1e-3); and x/T
+is never rounded before the max is subtracted (at T != 1 that alone costs ulp(|x|/T) per logit).
 
 Which KL you get depends on argument order: token_kl(policy, ref) is KL(policy || ref), the usual
 PPO/RLHF penalty; the forward KL to a base model is token_kl(base_logits, logits).
-Conventions, as in the float64 math: a p_i = 0 (x_i = -inf) term contributes 0; q_i = 0 where p_i > 0
-gives KL = +inf; a NaN anywhere in a row makes that row's KL NaN.
+Conventions, as in the float64 math: a p_i = 0 (x_i = -inf) term contributes 0; q_i = 0 where
+p_i > 0 gives KL = +inf; a NaN anywhere in a row makes that row's KL NaN.
 
-Memory traffic per row: forward reads 2V elements; backward reads 2V and writes V per requested gradient. The
-PyTorch version also writes and re-reads six (N, V) fp32 temporaries (x/T, y/T, logp, logq, diff, p * diff),
-~48 bytes per logit against the kernel's 2s (s = input element size), and autograd keeps four of them alive
-until the backward.
+Memory traffic per row: forward reads 2V elements; backward reads 2V and writes V per requested
+gradient. The PyTorch version also writes and re-reads six (N, V) fp32 temporaries (x/T, y/T, logp,
+logq, diff, p * diff), ~48 bytes per logit against the kernel's 2s (s = input element size), and
+autograd keeps four of them alive until the backward.
 """
 
 import torch
@@ -47,7 +49,8 @@ from kernels._rows import launch_config
 
 def token_kl_ref(logits, ref_logits, *, temperature=1.0):
     _validate(logits, ref_logits, temperature)
-    # fp32 (fp64 for fp64 input, which gradcheck needs), materializing the (..., V) temporaries the kernel avoids
+    # fp32 (fp64 for fp64 input, which gradcheck needs), materializing the (..., V) temporaries the
+    # kernel avoids
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = F.log_softmax(logits.to(dtype) / temperature, dim=-1)        # (..., V)
     logq = F.log_softmax(ref_logits.to(dtype) / temperature, dim=-1)    # (..., V)
@@ -64,11 +67,14 @@ def _validate(logits, ref_logits, temperature):
         if not x.is_floating_point():
             raise ValueError(f"token_kl: {name}.dtype = {x.dtype}, expected a floating dtype")
         if x.dim() < 1 or x.shape[-1] < 1:
-            raise ValueError(f"token_kl: {name}.shape = {tuple(x.shape)}, expected (..., V) with V >= 1")
-    if logits.shape != ref_logits.shape or logits.dtype != ref_logits.dtype or logits.device != ref_logits.device:
+            raise ValueError(
+                f"token_kl: {name}.shape = {tuple(x.shape)}, expected (..., V) with V >= 1")
+    if (logits.shape != ref_logits.shape or logits.dtype != ref_logits.dtype
+            or logits.device != ref_logits.device):
         raise ValueError(
             f"token_kl: logits {tuple(logits.shape)} {logits.dtype} {logits.device} and ref_logits "
-            f"{tuple(ref_logits.shape)} {ref_logits.dtype} {ref_logits.device} must match in shape, dtype, device")
+            f"{tuple(ref_logits.shape)} {ref_logits.dtype} {ref_logits.device} "
+            "must match in shape, dtype, device")
     if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
         raise ValueError(f"token_kl: temperature = {temperature!r}, expected a finite number > 0")
 
@@ -77,11 +83,15 @@ def _validate(logits, ref_logits, temperature):
 # Triton kernels: one program per row
 
 @triton.jit
-def _kl_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_shift_a, y_shift_b, n_inner, kl_ptr,
-                   mean_ptr, max_x_ptr, logd_x_ptr, max_y_ptr, logd_y_ptr, n_cols, inv_temp, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64 row offsets, and the online softmax below: kernels/_rows.py
-    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
-    # x's row is x_ptr[head : end] (chunk_grid); y's row, addressed through its shifts, is y_ptr[head : end]
+def _kl_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_shift_a, y_shift_b,
+                   n_inner, kl_ptr, mean_ptr, max_x_ptr, logd_x_ptr, max_y_ptr, logd_y_ptr, n_cols,
+                   inv_temp, BLOCK: tl.constexpr):
+    # int64 row offsets, and the online softmax below: kernels/_rows.py
+    row = tl.program_id(0).to(tl.int64)
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b),
+                                   x_ptr, BLOCK)
+    # x's row is x_ptr[head : end] (chunk_grid); y's row, addressed through its shifts, is
+    # y_ptr[head : end]
     x_ptr += first
     y_ptr += first + _rows.offset(row, n_inner, y_shift_0, y_shift_a, y_shift_b)
     end = head + n_cols
@@ -103,12 +113,17 @@ def _kl_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_s
         u_x = (x - shift_x) * inv_temp
         u_y = (y - shift_y) * inv_temp
         e_x = tl.exp(u_x)
-        # p_i = 0 (x = -inf, incl. outside the row) adds 0, not 0 * inf = NaN. q_i = 0 under p_i > 0 adds
-        # +inf explicitly, because e_x may have underflowed to 0 even though p_i > 0 mathematically.
-        term = tl.where(x == float("-inf"), 0.0, tl.where(y == float("-inf"), float("inf"), e_x * (u_x - u_y)))
-        # with the new maxima, the u of the columns seen so far moves by (shift_y - m_y)/T - (shift_x - m_x)/T;
-        # d_x == 0 (no finite x yet) means there is nothing to move, and the where keeps -inf - -inf out
-        moved = tl.where(d_x > 0, d_x * ((shift_y - m_y) * inv_temp - (shift_x - m_x) * inv_temp), 0.0)
+        # p_i = 0 (x = -inf, incl. outside the row) adds 0, not 0 * inf = NaN. q_i = 0 under p_i > 0
+        # adds +inf explicitly, because e_x may have underflowed to 0 even though p_i > 0
+        # mathematically.
+        term = tl.where(x == float("-inf"), 0.0,
+                        tl.where(y == float("-inf"), float("inf"), e_x * (u_x - u_y)))
+        # with the new maxima, the u of the columns seen so far moves by
+        # (shift_y - m_y)/T - (shift_x - m_x)/T; d_x == 0 (no finite x yet) means there is nothing
+        # to move, and the where keeps -inf - -inf out
+        moved = tl.where(d_x > 0,
+                         d_x * ((shift_y - m_y) * inv_temp - (shift_x - m_x) * inv_temp),
+                         0.0)
         s = (s + moved) * alpha_x + tl.sum(term, axis=0)
         d_x = d_x * alpha_x + tl.sum(e_x, axis=0)
         d_y = d_y * alpha_y + tl.sum(tl.exp(u_y), axis=0)
@@ -125,23 +140,28 @@ def _kl_fwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_s
     tl.store(logd_y_ptr + row, tl.log(d_y))
 
 
-# Backward. With a_i = log p_i = x_i/T - lse_p, b_i = log q_i = y_i/T - lse_q, KL = sum_j p_j (a_j - b_j):
-#   d a_j / d x_i = (delta_ij - p_i) / T,   d p_j / d x_i = p_j (delta_ij - p_i) / T,   d b_j / d y_i likewise
+# Backward. With a_i = log p_i = x_i/T - lse_p, b_i = log q_i = y_i/T - lse_q,
+# KL = sum_j p_j (a_j - b_j):
+#   d a_j / d x_i = (delta_ij - p_i) / T,   d p_j / d x_i = p_j (delta_ij - p_i) / T,
+#   d b_j / d y_i likewise
 #   dKL/dx_i = sum_j p_j (delta_ij - p_i)(a_j - b_j)/T + sum_j p_j (delta_ij - p_i)/T
-#            = p_i (a_i - b_i - KL) / T             (the second sum is (p_i - p_i)/T = 0)
-#            = p_i (u_i - E_p[u]) / T               (a_i - b_i = u_i - log(d_x / d_y), the constant cancels)
+#            = p_i (a_i - b_i - KL) / T   (the second sum is (p_i - p_i)/T = 0)
+#            = p_i (u_i - E_p[u]) / T     (a_i - b_i = u_i - log(d_x / d_y), the constant cancels)
 #   dKL/dy_i = -sum_j p_j (delta_ij - q_i) / T = (q_i - p_i) / T
-# with u_i = (x_i - m_x)/T - (y_i - m_y)/T as in the forward. The last form of dKL/dx avoids lse_p - lse_q - KL,
-# a difference of numbers of the size of the logits: with |logits| ~ 1e4 it would lose ~1e-3 of absolute accuracy
-# in every p_i-weighted term. Both need p and q, so both logits are read once; each requested gradient is written
-# once, in the input dtype, scaled by the upstream gradient g of that row.
+# with u_i = (x_i - m_x)/T - (y_i - m_y)/T as in the forward. The last form of dKL/dx avoids
+# lse_p - lse_q - KL, a difference of numbers of the size of the logits: with |logits| ~ 1e4 it
+# would lose ~1e-3 of absolute accuracy in every p_i-weighted term. Both need p and q, so both
+# logits are read once; each requested gradient is written once, in the input dtype, scaled by the
+# upstream gradient g of that row.
 @triton.jit
-def _kl_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_shift_a, y_shift_b, n_inner, dx_ptr,
-                   dx_shift_0, dx_shift_a, dx_shift_b, dy_ptr, dy_shift_0, dy_shift_a, dy_shift_b, dkl_ptr, dkl_stride,
-                   mean_ptr, max_x_ptr, logd_x_ptr, max_y_ptr, logd_y_ptr, n_cols, inv_temp, NEED_DX: tl.constexpr,
+def _kl_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_shift_a, y_shift_b,
+                   n_inner, dx_ptr, dx_shift_0, dx_shift_a, dx_shift_b, dy_ptr, dy_shift_0,
+                   dy_shift_a, dy_shift_b, dkl_ptr, dkl_stride, mean_ptr, max_x_ptr, logd_x_ptr,
+                   max_y_ptr, logd_y_ptr, n_cols, inv_temp, NEED_DX: tl.constexpr,
                    NEED_DY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64 row offsets: kernels/_rows.py
-    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b), x_ptr, BLOCK)
+    first, head = _rows.chunk_grid(_rows.offset(row, n_inner, x_start, x_stride_a, x_stride_b),
+                                   x_ptr, BLOCK)
     # from here on each row is ptr[head : end], as in the forward
     x_ptr += first
     y_ptr += first + _rows.offset(row, n_inner, y_shift_0, y_shift_a, y_shift_b)
@@ -172,26 +192,29 @@ def _kl_bwd_kernel(x_ptr, x_start, x_stride_a, x_stride_b, y_ptr, y_shift_0, y_s
 # launchers: validate, allocate, launch
 
 def _kl_forward(x3, y3, temperature, block):
-    """x3, y3 (A, B, V) with unit last stride (N = A * B rows) -> kl (N,) fp32 and the backward's five (N,) fp32
-    row statistics: E_p[u] with u = (x - max x)/T - (y - max y)/T, max x, log sum exp((x - max x)/T), and the same
-    two for y."""
+    """x3, y3 (A, B, V) with unit last stride (N = A * B rows) -> kl (N,) fp32 and the backward's
+    five (N,) fp32 row statistics: E_p[u] with u = (x - max x)/T - (y - max y)/T, max x,
+    log sum exp((x - max x)/T), and the same two for y."""
     A, B, V = x3.shape
     N = A * B
-    assert y3.shape == x3.shape, f"ref_logits rows {tuple(y3.shape)} != logits rows {tuple(x3.shape)}"
-    assert V == 1 or x3.stride(2) == y3.stride(2) == 1, f"rows must be unit-stride, got {x3.stride()}, {y3.stride()}"
+    assert y3.shape == x3.shape, \
+        f"ref_logits rows {tuple(y3.shape)} != logits rows {tuple(x3.shape)}"
+    assert V == 1 or x3.stride(2) == y3.stride(2) == 1, \
+        f"rows must be unit-stride, got {x3.stride()}, {y3.stride()}"
     kl = _dispatch.empty(N, dtype=torch.float32, device=x3.device)
     stats = [_dispatch.empty(N, dtype=torch.float32, device=x3.device) for _ in range(5)]
     if N > 0:
         BLOCK, num_warps = launch_config(V, block)
-        _kl_fwd_kernel[(N,)](*_rows.addressing(x3), *_rows.addressing_like(y3, x3), B, kl, *stats, V,
-                             1.0 / temperature, BLOCK=BLOCK, num_warps=num_warps)
+        _kl_fwd_kernel[(N,)](*_rows.addressing(x3), *_rows.addressing_like(y3, x3), B, kl, *stats,
+                             V, 1.0 / temperature, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_kl_fwd"] += 1
     return kl, stats
 
 
 def _kl_backward(x3, y3, dkl, stats, temperature, block, need_dx, need_dy):
-    """dkl (N,) (any stride, e.g. 0 when expanded from a sum) -> dx, dy (A, B, V) in the inputs' dtype, each
-    None unless needed; both laid out in step with x3, so that they share its rows' 16-byte phase."""
+    """dkl (N,) (any stride, e.g. 0 when expanded from a sum) -> dx, dy (A, B, V) in the inputs'
+    dtype, each None unless needed; both laid out in step with x3, so that they share its rows'
+    16-byte phase."""
     A, B, V = x3.shape
     N = A * B
     assert dkl.shape == (N,), f"dkl shape {tuple(dkl.shape)} != ({N},)"
@@ -200,12 +223,13 @@ def _kl_backward(x3, y3, dkl, stats, temperature, block, need_dx, need_dy):
     dy = _rows.grad_rows(x3, y3.dtype) if need_dy else None
     if N > 0:
         BLOCK, num_warps = launch_config(V, block)
-        # a gradient nobody needs is compiled out (constexpr); the other buffer stands in for its pointer
+        # a gradient nobody needs is compiled out (constexpr); the other buffer stands in for its
+        # pointer
         dx_args = _rows.addressing_like(dx if need_dx else dy, x3)
         dy_args = _rows.addressing_like(dy if need_dy else dx, x3)
-        _kl_bwd_kernel[(N,)](*_rows.addressing(x3), *_rows.addressing_like(y3, x3), B, *dx_args, *dy_args, dkl,
-                             dkl.stride(0), *stats, V, 1.0 / temperature, NEED_DX=need_dx, NEED_DY=need_dy,
-                             BLOCK=BLOCK, num_warps=num_warps)
+        _kl_bwd_kernel[(N,)](*_rows.addressing(x3), *_rows.addressing_like(y3, x3), B, *dx_args,
+                             *dy_args, dkl, dkl.stride(0), *stats, V, 1.0 / temperature,
+                             NEED_DX=need_dx, NEED_DY=need_dy, BLOCK=BLOCK, num_warps=num_warps)
         _dispatch.launches["token_kl_bwd"] += 1
     return dx, dy
 
@@ -231,11 +255,12 @@ class _TokenKL(torch.autograd.Function):
 # public
 
 def token_kl(logits, ref_logits, *, temperature=1.0, _block=None):
-    """KL(softmax(logits/T) || softmax(ref_logits/T)) per position: (..., V), (..., V) -> (...,) float32.
+    """KL(softmax(logits/T) || softmax(ref_logits/T)) per position: (..., V), (..., V) -> (...,)
+    float32.
 
     Differentiable in whichever of the two inputs requires grad. Triton on CUDA (and on CPU under
-    TRITON_INTERPRET=1) for float32/bfloat16/float16, the PyTorch reference otherwise. `_block` (private)
-    forces the chunk size; tests use it to cover the multi-chunk path on small V.
+    TRITON_INTERPRET=1) for float32/bfloat16/float16, the PyTorch reference otherwise. `_block`
+    (private) forces the chunk size; tests use it to cover the multi-chunk path on small V.
     """
     if not _dispatch.use_kernel(logits):
         return token_kl_ref(logits, ref_logits, temperature=temperature)

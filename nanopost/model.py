@@ -1,14 +1,15 @@
 """
 A GPT-2 style transformer, small enough to train on a laptop CPU in minutes.
 
-Parameter names follow GPT-2 (transformer.wte, h.0.attn.c_attn, ...), the token embedding is tied to
-the output head (Press & Wolf 2017), attention is causal scaled-dot-product attention. Positions are
-rotary (RoPE, Su et al. 2021), not GPT-2's learned table: attention then depends on how far apart two
-tokens are, not where they sit, so "copy the number from the prompt" is the same skill at every offset.
-With a learned table the ~1M-parameter default model, pretrained for 5 CPU-minutes, never learned to copy
-a target number from the prompt; with RoPE it does (README, "Why RoPE"). GPT-2's learned table is the other
-choice (pos_emb="learned", transformer.wpe), so a GPT-2 checkpoint loads as it was trained (nanopost.gpt2).
-Two things go beyond nanoGPT because post-training needs them:
+Parameter names follow GPT-2 (transformer.wte, h.0.attn.c_attn, ...), the token embedding is tied
+to the output head (Press & Wolf 2017), attention is causal scaled-dot-product attention. Positions
+are rotary (RoPE, Su et al. 2021), not GPT-2's learned table: attention then depends on how far
+apart two tokens are, not where they sit, so "copy the number from the prompt" is the same skill at
+every offset. With a learned table the ~1M-parameter default model, pretrained for 5 CPU-minutes,
+never learned to copy a target number from the prompt; with RoPE it does (README, "Why RoPE").
+GPT-2's learned table is the other choice (pos_emb="learned", transformer.wpe), so a GPT-2
+checkpoint loads as it was trained (nanopost.gpt2). Two things go beyond nanoGPT because
+post-training needs them:
 
 - padded batches: `attention_mask` (B, T) marks real tokens; positions count real tokens only, and
   pads are never attended to. Prompts are left-padded, responses right-padded.
@@ -35,15 +36,18 @@ class GPTConfig:
     n_embd: int = 128       # with the defaults above: ~0.9M parameters, the CPU default
     dropout: float = 0.0
     bias: bool = True       # GPT-2 uses biases in Linear and LayerNorm
-    pos_emb: str = "rope"   # "rope" (rotary) | "learned": GPT-2's table transformer.wpe, for GPT-2 checkpoints
+    # "rope" (rotary) | "learned": GPT-2's table transformer.wpe, for GPT-2 checkpoints
+    pos_emb: str = "rope"
 
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far: (n_layer, B, nh, S_max, hs)."""
 
     def __init__(self, config, batch_size, max_len):
-        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = self.v = None  # allocated on first write, in the dtype the layers produce (bf16 under autocast)
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len,
+                      config.n_embd // config.n_head)
+        # allocated on first write, in the dtype the layers produce (bf16 under autocast)
+        self.k = self.v = None
         self.length = 0         # filled slots; advanced by GPT.hidden after all layers wrote
 
     def update(self, layer, k, v):
@@ -59,18 +63,21 @@ class KVCache:
 
 
 def rotary_angles(pos, head_size, base=10000.0):
-    """Rotary tables for positions pos (B, T) (Su et al. 2021): cos and sin of pos * base^(-2i/hs), i < hs/2, each
-    repeated over both halves of a head, the sin negated on the first half, as (B, T, 1, hs) each, so rotate() works
-    on whole rows of a (B, T, nh, hs) tensor. Built once per forward and shared by every layer and head."""
-    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=pos.device) / head_size)
+    """Rotary tables for positions pos (B, T) (Su et al. 2021): cos and sin of pos * base^(-2i/hs),
+    i < hs/2, each repeated over both halves of a head, the sin negated on the first half, as
+    (B, T, 1, hs) each, so rotate() works on whole rows of a (B, T, nh, hs) tensor. Built once per
+    forward and shared by every layer and head."""
+    inv_freq = base ** (
+        -torch.arange(0, head_size, 2, dtype=torch.float32, device=pos.device) / head_size)
     angles = pos[:, :, None, None].float() * inv_freq  # (B, T, 1, hs/2)
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (B, T, 1, hs) each
 
 
 def _rotate(x, cos, sin):
-    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): one full-width multiply, then each half adds the other half
-    # times its sin in place. No concatenation of strided halves, which cost more than the arithmetic.
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): one full-width multiply, then each half adds
+    # the other half times its sin in place. No concatenation of strided halves, which cost more
+    # than the arithmetic.
     h = x.size(-1) // 2
     out = x * cos
     out[..., :h].addcmul_(x[..., h:], sin[..., :h])
@@ -79,8 +86,9 @@ def _rotate(x, cos, sin):
 
 
 class _Rotate(torch.autograd.Function):
-    # a rotation's Jacobian is the rotation by the opposite angle, so the backward is the same op with sin negated:
-    # nothing but the tables is saved, and autograd records one node instead of five
+    # a rotation's Jacobian is the rotation by the opposite angle, so the backward is the same op
+    # with sin negated: nothing but the tables is saved, and autograd records one node
+    # instead of five
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
@@ -93,9 +101,13 @@ class _Rotate(torch.autograd.Function):
 
 
 def rotate(x, cos, sin):
-    """Rotate each pair (x[i], x[i + hs/2]) of x (..., hs) by its position's angle; cos, sin from rotary_angles,
-    broadcastable to x. Computed in float32 (the tables' dtype) and returned in x's dtype."""
-    out = _Rotate.apply(x.to(cos.dtype), cos, sin) if torch.is_grad_enabled() else _rotate(x.to(cos.dtype), cos, sin)
+    """Rotate each pair (x[i], x[i + hs/2]) of x (..., hs) by its position's angle; cos, sin from
+    rotary_angles, broadcastable to x. Computed in float32 (the tables' dtype) and returned in x's
+    dtype."""
+    if torch.is_grad_enabled():
+        out = _Rotate.apply(x.to(cos.dtype), cos, sin)
+    else:
+        out = _rotate(x.to(cos.dtype), cos, sin)
     return out.to(x.dtype)
 
 
@@ -112,9 +124,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, attn_mask, kv_cache, layer):
         B, T, C = x.size()
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=2))  # (B,T,nh,hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head)
+                   for t in self.c_attn(x).split(C, dim=2))  # (B,T,nh,hs)
         if rope is not None:
-            q, k = rotate(q, *rope), rotate(k, *rope)  # the cache stores rotated keys: a key's position never changes
+            # the cache stores rotated keys: a key's position never changes
+            q, k = rotate(q, *rope), rotate(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
@@ -157,11 +171,13 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.pos_emb in ("rope", "learned"), f"pos_emb={config.pos_emb!r}: expected rope or learned"
+        assert config.pos_emb in ("rope", "learned"), \
+            f"pos_emb={config.pos_emb!r}: expected rope or learned"
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            **(dict(wpe=nn.Embedding(config.block_size, config.n_embd)) if config.pos_emb == "learned" else {}),
+            **(dict(wpe=nn.Embedding(config.block_size, config.n_embd))
+               if config.pos_emb == "learned" else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -191,43 +207,53 @@ class GPT(nn.Module):
 
         idx (B, T) are the new tokens. attention_mask (B, S) marks real tokens of the whole sequence
         so far (S = cached + T); None means every token is real. With a kv_cache the keys and values
-        of earlier tokens come from the cache. segments (B, T), for packed rows (nanopost.data.pack): the
-        example each token belongs to (1, 2, ...; 0 = padding); a token attends only to earlier tokens of its
-        own example and positions restart at 0 for each, so every example computes what it would alone.
+        of earlier tokens come from the cache. segments (B, T), for packed rows
+        (nanopost.data.pack): the example each token belongs to (1, 2, ...; 0 = padding); a token
+        attends only to earlier tokens of its own example and positions restart at 0 for each, so
+        every example computes what it would alone.
         """
         B, T = idx.size()
         past = kv_cache.length if kv_cache is not None else 0
         S = past + T
         if S > self.config.block_size:
-            raise ValueError(f"sequence of {S} tokens is longer than block_size={self.config.block_size}")
+            raise ValueError(
+                f"sequence of {S} tokens is longer than block_size={self.config.block_size}")
         if segments is not None:
-            assert attention_mask is None and kv_cache is None, "packed rows are for training: no mask, no cache"
+            assert attention_mask is None and kv_cache is None, \
+                "packed rows are for training: no mask, no cache"
             at = torch.arange(T, device=idx.device)
             starts = torch.ones_like(segments, dtype=torch.bool)
-            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]      # (B, T) first token of each example
-            pos = at - torch.where(starts, at, 0).cummax(-1).values  # (B, T) offset from that first token
+            # (B, T) first token of each example
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            # (B, T) offset from that first token
+            pos = at - torch.where(starts, at, 0).cummax(-1).values
             same = segments[:, :, None] == segments[:, None, :]      # (B, T, T)
-            attn_mask = (same & (at[None, :] <= at[:, None]))[:, None]  # (B, 1, T, T) causal within each example
+            # (B, 1, T, T) causal within each example
+            attn_mask = (same & (at[None, :] <= at[:, None]))[:, None]
         elif attention_mask is None and past == 0:
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
             attn_mask = None
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(B, S, dtype=torch.bool, device=idx.device)
-            assert attention_mask.shape == (B, S), f"attention_mask {tuple(attention_mask.shape)} != {(B, S)}"
+            assert attention_mask.shape == (B, S), \
+                f"attention_mask {tuple(attention_mask.shape)} != {(B, S)}"
             real = attention_mask.bool()
-            # a token's position is the number of real tokens before it, so left padding does not shift it
+            # a token's position is the number of real tokens before it, so left padding does not
+            # shift it
             pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-            q_at = torch.arange(past, S, device=idx.device)[:, None]    # (T, 1) absolute query index
-            k_at = torch.arange(S, device=idx.device)[None, :]          # (1, S)
-            attn_mask = (k_at <= q_at)[None] & real[:, None, :]         # (B, T, S) causal, real keys only
+            q_at = torch.arange(past, S, device=idx.device)[:, None]  # (T, 1) absolute query index
+            k_at = torch.arange(S, device=idx.device)[None, :]        # (1, S)
+            # (B, T, S) causal, real keys only
+            attn_mask = (k_at <= q_at)[None] & real[:, None, :]
             # a pad query would see no key at all and SDPA would return NaN for it; let it see
             # itself: pad rows are never used, and real rows are unchanged
             attn_mask = (attn_mask | (k_at == q_at)[None])[:, None]      # (B, 1, T, S)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_emb == "learned":
-            x = x + self.transformer.wpe(pos)  # (B or 1, T, C): the same real-token positions rotary angles get
+            # (B or 1, T, C): the same real-token positions rotary angles get
+            x = x + self.transformer.wpe(pos)
         else:
             rope = rotary_angles(pos, self.config.n_embd // self.config.n_head)
         x = self.transformer.drop(x)
@@ -241,22 +267,27 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden(idx, attention_mask, kv_cache, segments))  # (B, T, V)
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, generator=None,
-                 pad_id=0, on_token=None):
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, eos_id=None,
+                 generator=None, pad_id=0, on_token=None):
         """Sample continuations of a batch of token-id prompts of different lengths.
 
         Returns tokens (B, P+N): the prompts left-padded to P = the longest, then N = max_new_tokens
-        response slots; mask (B, P+N) of real tokens (each row stops after it samples eos_id, which is
-        real); logprobs (B, N) of each sampled token under log_softmax(logits / temperature), 0 at pads.
-        temperature=0 is greedy (its logprobs are at temperature 1). top_k restricts what can be
-        sampled, but logprobs stay those of the full distribution, so they match a later recompute.
-        on_token, if given, is called with each step's (B,) tokens as soon as they are sampled (streaming).
+        response slots; mask (B, P+N) of real tokens (each row stops after it samples eos_id, which
+        is real); logprobs (B, N) of each sampled token under log_softmax(logits / temperature), 0
+        at pads. temperature=0 is greedy (its logprobs are at temperature 1). top_k restricts what
+        can be sampled, but logprobs stay those of the full distribution, so they match a later
+        recompute. on_token, if given, is called with each step's (B,) tokens as soon as they are
+        sampled (streaming).
         """
-        assert len(prompts) > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
+        assert len(prompts) > 0 and all(len(p) > 0 for p in prompts), \
+            "every prompt needs at least one token"
         device = self.lm_head.weight.device
-        B, P, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
+        B = len(prompts)
+        P = max(len(p) for p in prompts)
+        N = max_new_tokens
         if P + N > self.config.block_size:
-            raise ValueError(f"longest prompt ({P}) + max_new_tokens ({N}) > block_size={self.config.block_size}")
+            raise ValueError(f"longest prompt ({P}) + max_new_tokens ({N}) > "
+                             f"block_size={self.config.block_size}")
         tokens = torch.full((B, P + N), pad_id, dtype=torch.long, device=device)
         mask = torch.zeros(B, P + N, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
@@ -291,18 +322,18 @@ class GPT(nn.Module):
 
 
 class ValueModel(nn.Module):
-    """A scalar per position: a GPT trunk (GPT.hidden, after the final layer norm) and a head nn.Linear(C, 1).
-    PPO's value model V(s_t)."""
+    """A scalar per position: a GPT trunk (GPT.hidden, after the final layer norm) and a head
+    nn.Linear(C, 1). PPO's value model V(s_t)."""
 
     def __init__(self, trunk):
         super().__init__()
         self.trunk = trunk
         C = trunk.config.n_embd
         self.head = nn.Linear(C, 1)
-        # zero init (N-details uses N(0, 1/sqrt(C+1))): a random head makes the first advantages pure value
-        # noise, and whitening scales that noise up to unit size; on the tiny model the first update then
-        # moved the policy by ~3 nats of KL before any reward was seen. With V = 0 the first advantages
-        # are the rewards themselves.
+        # zero init (N-details uses N(0, 1/sqrt(C+1))): a random head makes the first advantages
+        # pure value noise, and whitening scales that noise up to unit size; on the tiny model the
+        # first update then moved the policy by ~3 nats of KL before any reward was seen. With V = 0
+        # the first advantages are the rewards themselves.
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -312,16 +343,17 @@ class ValueModel(nn.Module):
 
 
 def last_real(attention_mask):
-    """(B, T) mask of real tokens -> (B,) index of each row's last real token (left and right padding alike)."""
+    """(B, T) mask of real tokens -> (B,) index of each row's last real token (left and right
+    padding alike)."""
     T = attention_mask.size(1)
     return (attention_mask.long() * torch.arange(1, T + 1, device=attention_mask.device)).argmax(-1)
 
 
 class RewardModel(ValueModel):
-    """A scalar per sequence: the ValueModel's head read only at the last real token, the one position that has
-    seen the whole prompt and response (Stiennon et al. 2020; Ouyang et al. 2022). Trained on preference pairs
-    with the Bradley-Terry loss (nanopost.prefs.bradley_terry_loss); its zero-init head makes every reward 0 at
-    the start, so the first loss is exactly log 2."""
+    """A scalar per sequence: the ValueModel's head read only at the last real token, the one
+    position that has seen the whole prompt and response (Stiennon et al. 2020; Ouyang et al. 2022).
+    Trained on preference pairs with the Bradley-Terry loss (nanopost.prefs.bradley_terry_loss); its
+    zero-init head makes every reward 0 at the start, so the first loss is exactly log 2."""
 
     def forward(self, idx, attention_mask=None):
         values = super().forward(idx, attention_mask)  # (B, T)
