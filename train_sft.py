@@ -157,7 +157,7 @@ STAGE_DEFAULTS = {
     "pretrain": dict(out_dir="out/base", max_iters=2400, batch_size=8, learning_rate=1.5e-3),
     "sft": dict(out_dir="out/sft", max_iters=150, batch_size=32, learning_rate=1e-3),
     "reward": dict(out_dir="out/rm", max_iters=300, batch_size=32, learning_rate=1e-3),  # in pairs
-    "dpo": dict(out_dir="out/dpo", max_iters=100, batch_size=32, learning_rate=1e-4),  # in pairs
+    "dpo": dict(out_dir="out/dpo", max_iters=200, batch_size=32, learning_rate=1e-4),  # in pairs
 }
 
 

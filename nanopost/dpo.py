@@ -1,6 +1,6 @@
 """
 Direct preference optimisation: the policy learns from preference pairs itself, with no reward model and no
-sampling (train_sft.py --objective=dpo on --data=prefs or a pairs file).
+sampling in its loop (train_sft.py --objective=dpo on --data=prefs or a pairs file).
 
 DPO (Rafailov et al. 2023, eq. 7) fits the Bradley-Terry model of the pairs with the implicit reward
 r(x, y) = beta * log(pi(y|x) / ref(y|x)), the reward under which pi is the optimum of E[r] - beta * KL(pi || ref).
@@ -9,7 +9,7 @@ h = lr_w - lr_l, per pair:
 
     dpo   L = -log sigmoid(beta h)
     cDPO  L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)    labels flipped with rate eps (Mitchell 2023)
-    ipo   L = (h - 1 / (2 beta))^2                                         (Azar et al. 2023, eq. 17)
+    ipo   L = (h - 1 / (2 beta))^2                                         (Azar et al. 2023, IPO)     
 
 ref is the frozen starting model; its log-probs carry no gradient. The log-probs go through kernels.token_logprobs
 after nanopost.rollout.at_response, the slice and kernel PPO uses. Held-out metrics: nanopost.evaluate.dpo_metrics.
