@@ -9,7 +9,7 @@ h = lr_w - lr_l, per pair:
 
     dpo   L = -log sigmoid(beta h)
     cDPO  L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)    labels flipped with rate eps (Mitchell 2023)
-    ipo   L = (h - 1 / (2 beta))^2                                         (Azar et al. 2023, IPO)     
+    ipo   L = (h - 1 / (2 beta))^2                                         (Azar et al. 2023)
 
 ref is the frozen starting model; its log-probs carry no gradient. The log-probs go through kernels.token_logprobs
 after nanopost.rollout.at_response, the slice and kernel PPO uses. Held-out metrics: nanopost.evaluate.dpo_metrics.
