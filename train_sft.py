@@ -10,6 +10,8 @@ Pretraining, supervised fine-tuning (SFT) and reward models of a tiny GPT in one
                         real token), Bradley-Terry loss -log sigmoid(r_c - r_r) (Stiennon et al.
                         2020) on the built-in labeler's preference pairs, or yours. Its checkpoint
                         says kind="reward_model" and holds reward_norm (train_ppo.py --reward_model)
+  --objective=dpo       the policy itself on those pairs, no reward model: DPO against the frozen
+                        --init_from (Rafailov et al. 2023; ipo: Azar et al. 2023; nanopost.dpo)
 
 The default pipeline (CPU, 2 cores, ~1M-parameter model; the README has the numbers we measured):
 
@@ -36,8 +38,8 @@ Deliberate choices and deviations:
   anchor against forgetting; the frozen copy is saved in the checkpoint, so a resume anchors to it.
 - bf16 autocast and torch.compile are used on CUDA only; on CPU the loop is float32 eager torch.
 - Evaluation (rank 0, every eval_interval steps, before the first step and at the end): the val loss
-  (a reward model's pairwise accuracy too, on every held-out pair); on the built-in data the
-  held-out loss per pretraining skill (forgetting) and the task accuracy; on your corpus, a sample.
+  (on pairs, every held-out pair's ranking too, and DPO's KL(pi || ref) on its samples); on the
+  built-in data the held-out loss per skill (forgetting) and the task accuracy; on yours, a sample.
 """
 
 import math
@@ -56,13 +58,14 @@ from nanopost.config import UserError, entry, knob
 from nanopost.data import IGNORE, TOO_LONG, load_prompts
 from nanopost.distributed import (all_reduce_sum, assert_in_sync, print0, setup_runtime, sync_grads,
                                   teardown)
-from nanopost.evaluate import lm_metrics, lm_val_metrics, spread
+from nanopost.dpo import dpo_pair_loss
+from nanopost.evaluate import dpo_metrics, lm_metrics, lm_val_metrics, spread
 from nanopost.loading import get_rng_state, set_rng_state
 from nanopost.model import GPTConfig, RewardModel
 from nanopost.prefs import bradley_terry_loss, pair_metrics, pair_rewards
 from nanopost.reward import reward_norm
 from nanopost.runlog import RunLog, eval_line, print_before_after, train_line
-from nanopost.sft_setup import adamw, configure, init_model
+from nanopost.sft_setup import adamw, configure, init_model, lr_at
 from nanopost.world import load_world
 
 # ------------------------------------------------------------------------------------------------
@@ -113,6 +116,10 @@ class Config:
                                        "data, one optimizer (rft's rounds)")
     sft_kl_coef: float = knob(0.0, "weight of KL(model || initial model) per loss token; 0 = off",
                               ge=0)
+    objective: str = knob("reward", "preference pairs train: reward (a reward model) | dpo | ipo "
+                                    "(the policy)", choices=("reward", "dpo", "ipo"))
+    dpo_beta: float = knob(0.1, "DPO/IPO: beta, the weight of KL(policy || reference)", gt=0)
+    dpo_label_smoothing: float = knob(0.0, "cDPO: the rate of flipped labels assumed", ge=0, lt=0.5)
     # model (scratch only; a checkpoint brings its own shape)
     n_layer: int = knob(GPTConfig.n_layer, "transformer blocks", ge=1)
     n_head: int = knob(GPTConfig.n_head, "attention heads", ge=1)
@@ -143,31 +150,20 @@ class Config:
 # a resume may change any other knob (max_iters, learning rates, intervals, coefficients)
 RUN_DEFINING = ("data", "seed", "world_seed", "tokenizer", "batch_size", "grad_accum", "n_layer",
                 "n_head", "n_embd", "block_size", "pos_emb", "dropout", "lr_decay_iters",
-                "too_long")
+                "too_long", "objective", "dpo_beta", "dpo_label_smoothing")
 
 # knobs left at -1 (or "") take these; nanopost/studies/RESULTS.md ("Stage defaults") says why
 STAGE_DEFAULTS = {
     "pretrain": dict(out_dir="out/base", max_iters=2400, batch_size=8, learning_rate=1.5e-3),
     "sft": dict(out_dir="out/sft", max_iters=150, batch_size=32, learning_rate=1e-3),
     "reward": dict(out_dir="out/rm", max_iters=300, batch_size=32, learning_rate=1e-3),  # in pairs
+    "dpo": dict(out_dir="out/dpo", max_iters=200, batch_size=32, learning_rate=1e-4),  # in pairs
 }
-
-
-def lr_at(step, lr, min_lr, warmup_iters, decay_iters, decay):
-    """Linear warmup to lr, then a cosine to min_lr at decay_iters (SGDR, Loshchilov & Hutter)."""
-    if step <= warmup_iters:
-        return lr * step / max(warmup_iters, 1)
-    if not decay:
-        return lr
-    if step >= decay_iters:
-        return min_lr
-    progress = (step - warmup_iters) / max(decay_iters - warmup_iters, 1)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 # ------------------------------------------------------------------------------------------------
 # the objectives: a micro-batch -> (its loss sum / n_loss, the step's count, to backward; its sums
-# [loss, KL, pairs ranked right], detached, for the log)
+# {loss, kl, ...}, detached, for the log); DPO's is nanopost.dpo.dpo_pair_loss
 
 
 def lm_loss(model, X, Y, segments, n_loss, autocast, ref_model=None, kl_coef=0.0):
@@ -183,7 +179,7 @@ def lm_loss(model, X, Y, segments, n_loss, autocast, ref_model=None, kl_coef=0.0
             ref_logits = ref_model(X, segments=segments)  # (b, T, V)
         kl_sum = (kernels.token_kl(logits, ref_logits) * (Y != IGNORE)).sum()
         loss = loss + kl_coef * kl_sum / n_loss
-    return loss, torch.stack([ce_sum, kl_sum, torch.zeros_like(ce_sum)]).detach()
+    return loss, dict(loss=ce_sum.detach(), kl=kl_sum.detach())
 
 
 def pair_loss(model, X, M, segments, n_loss, autocast):
@@ -192,7 +188,7 @@ def pair_loss(model, X, M, segments, n_loss, autocast):
         r = pair_rewards(model, X, M).float()  # (b, 2)
     bt_sum = bradley_terry_loss(r[:, 0], r[:, 1]).sum()
     right = (r[:, 0] > r[:, 1]).sum().float()
-    return bt_sum / n_loss, torch.stack([bt_sum, torch.zeros_like(bt_sum), right]).detach()
+    return bt_sum / n_loss, dict(loss=bt_sum.detach(), kl=torch.zeros_like(right), acc=right)
 
 
 def main(argv):
@@ -211,9 +207,9 @@ def main(argv):
     block_size = model_args["block_size"]
 
     # --------------------------------------------------------------------------------------------
-    # data, and the objective, chosen once (DPO would be a third: pairs and a frozen reference)
+    # data, and the objective, chosen once
 
-    builtin = cfg.data in ("pretrain", "sft")  # the built-in world's metrics only on its own data
+    builtin = cfg.data in ("pretrain", "sft", "prefs") and stage != "reward"  # its world's metrics
     your_corpus = stage == "pretrain" and not builtin  # evaluated by a sample of its held-out text
     world = load_world(seed=cfg.world_seed)
     eval_prompts = spread(world.eval_prompts, cfg.eval_prompts if builtin else 0)  # each phrasing
@@ -222,16 +218,23 @@ def main(argv):
     if resume and ckpt.get("data_hash") != data.hash:
         raise UserError(f"cannot resume {ckpt_path}: {cfg.data} is not the data it started with "
                         f"(its contents changed); train on it in a new out_dir")
+    pairs = dict(examples=data.val, decided=data.val_decided, batch_size=cfg.batch_size,
+                 pad_id=tok.eot_id, device=rt.device)
     if stage == "reward":
         micro_loss = partial(pair_loss, autocast=rt.autocast)
-        val_metrics = partial(pair_metrics, examples=data.val, decided=data.val_decided,
-                              batch_size=cfg.batch_size, pad_id=tok.eot_id, device=rt.device)
+        val_metrics = partial(pair_metrics, **pairs)
+    elif stage == "dpo":
+        dpo = dict(ref_model=ref_model, beta=cfg.dpo_beta, ipo=cfg.objective == "ipo",
+                   label_smoothing=cfg.dpo_label_smoothing)
+        micro_loss = partial(dpo_pair_loss, autocast=rt.autocast, **dpo)
+        val_metrics = partial(dpo_metrics, **pairs, **dpo, tok=tok, seed=cfg.seed,
+                              prompts=spread(data.val_prompts, cfg.eval_prompts),
+                              max_new_tokens=cfg.max_new_tokens)
     else:
         micro_loss = partial(lm_loss, autocast=rt.autocast, ref_model=ref_model,
                              kl_coef=cfg.sft_kl_coef)
         val = val_batches(data, cfg.eval_examples, cfg.batch_size, block_size, tok.eot_id)
         val_metrics = partial(lm_val_metrics, batches=val, device=rt.device)
-    reports_acc = stage == "reward"  # the train log's pairs ranked right / pairs
 
     # --------------------------------------------------------------------------------------------
     # optimizer, and where a resumed run left off
@@ -304,17 +307,17 @@ def main(argv):
             group["lr"] = lr
 
         micro, n_loss, n_real = step_batches(data, step, cfg, rt, block_size, tok.eot_id)
-        sums = torch.zeros(3, device=rt.device)  # [loss, KL, pairs ranked right] over this rank
+        sums = {}  # the objective's sums over this rank: loss, kl, pairs ranked right, rewards
         for X, Y, segments in micro:
             loss, micro_sums = micro_loss(model, X, Y, segments, n_loss)
             loss.backward()
-            sums += micro_sums
+            sums = {k: sums.get(k, 0) + v for k, v in micro_sums.items()}
         sync_grads(params)
-        train_loss, kl, acc = (all_reduce_sum(sums) / n_loss).tolist()
+        means = dict(zip(sums, (all_reduce_sum(torch.stack([*sums.values()])) / n_loss).tolist()))
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         # checked before the step, while the weights are still good
-        check_finite(step, ckpt_path, loss=train_loss, kl=kl, grad_norm=grad_norm)
+        check_finite(step, ckpt_path, **means, grad_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         assert_in_sync(raw_model, step, "model")  # data parallel: every rank holds the same weights
@@ -323,11 +326,9 @@ def main(argv):
         dt = time.time() - t0
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             eta = (time.time() - t_start) / (step - step_start) * (cfg.max_iters - step)
-            stats = dict(kind="train", step=step, loss=train_loss, kl=kl, lr=lr,
-                         grad_norm=grad_norm, tok_per_s=n_real / dt, eta_s=eta)
-            if reports_acc:
-                stats["acc"] = acc
-            print0(train_line(stats, cfg.max_iters, show_kl=ref_model is not None))
+            stats = dict(kind="train", step=step, **means, lr=lr, grad_norm=grad_norm,
+                         tok_per_s=n_real / dt, eta_s=eta)
+            print0(train_line(stats, cfg.max_iters, show_kl=cfg.sft_kl_coef > 0))
             log.write(stats)
 
         if rt.master and ((cfg.eval_interval and step % cfg.eval_interval == 0)

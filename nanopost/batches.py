@@ -6,6 +6,7 @@ each step's batch and the val loss's batches.
   pretrain | FILE.txt  pretrain  token streams                       random block_size windows
   sft | FILE.jsonl     sft       (x, y) conversations                right-padded (or packed) rows
   prefs | PAIRS.jsonl  reward    (chosen ids, rejected ids) pairs    right-padded pairs
+    --objective=dpo    dpo       the same pairs                      the same, Y their response tokens
 
   pretrain     every skill's documents of the built-in world (world.pretrain), each ending in
                <|endoftext|>, as one stream; world.heldout the same way is the val stream
@@ -39,17 +40,20 @@ from nanopost.data import (IGNORE, collate, is_corpus, load_corpus, numbered_con
 from nanopost.distributed import print0
 from nanopost.loading import load_model
 from nanopost.prefs import (collate_pairs, encode_pair, is_preferences, load_preferences,
-                            pairs_hash, world_preferences)
+                            pairs_hash, response_mask, world_preferences)
 from nanopost.world import encode_doc
 
 PREF_PAIRS = dict(train=4096, val=512)  # built-in preference pairs (--data=prefs)
 
 
-def stage_of(data):
-    """--data -> "pretrain" (token streams), "sft" (conversations), "reward" (preference pairs)."""
+def stage_of(data, objective="reward"):
+    """--data, --objective -> "pretrain" (token streams), "sft" (conversations), "reward" or "dpo" (preference
+    pairs: a reward model, or the policy trained on them by DPO or IPO)."""
     if data == "pretrain" or is_corpus(data):
         return "pretrain"
-    return "reward" if data == "prefs" or is_preferences(data) else "sft"
+    if data == "prefs" or is_preferences(data):
+        return "reward" if objective == "reward" else "dpo"
+    return "sft"
 
 
 def hold_out(items, at_least=0):
@@ -64,13 +68,14 @@ def hold_out(items, at_least=0):
 @dataclass
 class TrainData:
     """One --data resolved: what train_sft.py samples its batches from and evaluates on."""
-    stage: str                 # stage_of(--data)
+    stage: str                 # stage_of(--data, --objective)
     train: object              # a token stream (pretrain) or a list of examples
     val: object                # the same, held out
     hash: str = None           # sha256 a resume must find again; None: built-in corpus or demos
     val_decided: list = None   # reward: each val pair decided by the labeler's hidden score
     norm_prompts: list = None  # reward: the prompts on whose samples reward_norm is measured
     policy: object = None      # reward: the --init_from language model (None from scratch)
+    val_prompts: list = None   # pairs: the held-out prompts that fit with max_new_tokens
 
 
 def load_train_data(cfg, stage, world, tok, block_size, device):
@@ -78,8 +83,8 @@ def load_train_data(cfg, stage, world, tok, block_size, device):
     too small to train on."""
     if stage == "pretrain":
         return _streams(cfg, world, tok, block_size)
-    if stage == "reward":
-        return _pairs(cfg, world, tok, block_size, device)
+    if stage in ("reward", "dpo"):
+        return _pairs(cfg, stage, world, tok, block_size, device)
     return _conversations(cfg, world, tok, block_size)
 
 
@@ -124,7 +129,7 @@ def _conversations(cfg, world, tok, block_size):
     return TrainData("sft", train, val, data_hash)
 
 
-def _pairs(cfg, world, tok, block_size, device):
+def _pairs(cfg, stage, world, tok, block_size, device):
     # the model this one starts from: whose samples the built-in labeler compares, and (as the
     # policy PPO will start from) whose scores set the normalisation. Loaded from init_from, so a
     # resume sees the same one
@@ -147,9 +152,12 @@ def _pairs(cfg, world, tok, block_size, device):
         n_truncated = sum(t for *_, t in examples)
         print0(f"data: preference pairs {split} {len(examples)} | {n_truncated} keep only their "
                f"last block_size={block_size} tokens")
-    return TrainData("reward", train, val, pairs_hash(train_raw + val_raw),
+    # the held-out prompts whose samples measure DPO's KL(pi || ref), each fitting with a response
+    prompts = world.eval_prompts if cfg.data == "prefs" else [p.prompt for p in val_raw]
+    fits = [p for p in prompts if len(tok.encode_prompt(p)) + cfg.max_new_tokens <= block_size]
+    return TrainData(stage, train, val, pairs_hash(train_raw + val_raw),
                      val_decided=[p.decided for p in val_raw], norm_prompts=norm_prompts,
-                     policy=policy)
+                     policy=policy, val_prompts=fits)
 
 
 def sample_batch(data, step, seed, n, block_size):
@@ -167,18 +175,19 @@ def step_batches(data, step, cfg, rt, block_size, pad_id):
     """-> this rank's cfg.grad_accum micro-batches X, Y (b, T) and segments (None, or (b, T) when
     packed), the global count the step's loss divides by (its loss tokens; its pairs for a reward
     model, whose X is (b, 2, T) chosen and rejected and Y their real-token mask), and the global
-    count of real (not padding) tokens."""
+    count of real (not padding) tokens. DPO's Y is the pairs' response tokens (nanopost.prefs.response_mask)."""
     batch = sample_batch(data, step, cfg.seed, cfg.batch_size * cfg.grad_accum, block_size)
     if data.stage == "pretrain":
         X, Y = batch
         n_real = X.numel()
-    elif data.stage == "reward":
+    elif data.stage in ("reward", "dpo"):
         X, Y = collate_pairs(batch, pad_id)
         n_real = int(Y.sum())
+        Y = response_mask(batch, Y) if data.stage == "dpo" else Y
     else:
         X, Y = collate(batch, pad_id)
         n_real = sum(len(x) for x, _ in batch)
-    n_loss = len(X) if data.stage == "reward" else int((Y != IGNORE).sum())
+    n_loss = len(X) if data.stage in ("reward", "dpo") else int((Y != IGNORE).sum())
     b = cfg.batch_size // rt.world_size
     micro = []
     for k in range(cfg.grad_accum):

@@ -35,6 +35,7 @@ Entropy and KL are taken at temperature 1 (the policy itself); the samples are d
 default, where the estimates are unbiased.
 """
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -44,9 +45,11 @@ import torch
 import kernels
 from nanopost.config import UserError, entry, knob, parse_config, validate
 from nanopost.distributed import barrier, resolve_device
+from nanopost.dpo import dpo_loss, logratios
 from nanopost.loading import load_model
 from nanopost.data import (IGNORE, collate, is_corpus, load_conversations, load_corpus, load_ppo_prompts,
                            sft_example, spread_windows)
+from nanopost.prefs import collate_pairs, response_mask
 from nanopost.reward import load_reward_fn, score_responses
 from nanopost.rollout import at_response, response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
@@ -149,6 +152,33 @@ def lm_val_metrics(model, batches, device):
     return dict(val_loss=mean_loss(model, batches, device))
 
 
+@torch.no_grad()
+def dpo_metrics(model, ref_model, examples, decided, batch_size, pad_id, device, beta, label_smoothing, ipo,
+                tok, prompts, max_new_tokens, seed):
+    """Held-out: the DPO loss, the preference accuracy of the implicit reward (on all pairs and on those the labeler
+    decided), the mean implicit rewards of chosen and rejected and their margin, and KL(pi || ref) in nats per
+    response on one sample of pi per prompt (none: left out), sampled at temperature 1, where the summed per-token
+    KL is an unbiased estimate of the KL of whole responses."""
+    loss, rewards = [], []
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i:i + batch_size]
+        X, M = collate_pairs(batch, pad_id)                                         # (b, 2, T) each
+        lr = logratios(model, ref_model, X.to(device), response_mask(batch, M).to(device),
+                       contextlib.nullcontext)
+        loss.append(dpo_loss(lr[:, 0], lr[:, 1], beta, label_smoothing, ipo))
+        rewards.append(beta * lr)
+    loss, rewards = torch.cat(loss), torch.cat(rewards)                            # (n,), (n, 2)
+    right = (rewards[:, 0] > rewards[:, 1]).float()
+    decided = torch.tensor(decided, dtype=torch.bool, device=right.device)
+    chosen, rejected = rewards.mean(0).tolist()
+    out = dict(val_loss=loss.mean().item(), acc=right.mean().item(),
+               acc_decided=right[decided].mean().item() if decided.any() else float("nan"),
+               chosen=chosen, rejected=rejected, margin=chosen - rejected)
+    if prompts:
+        out["kl_ref"] = kl_on_own_samples(model, ref_model, tok, prompts, max_new_tokens, 1.0, seed, device)
+    return out
+
+
 def continuation(model, tok, stream, max_new_tokens, temperature, seed, device):
     """A sample continuing the first 16 tokens of a held-out token stream: what the model has learned
     to write (train_sft.py's eval on your corpus)."""
@@ -230,6 +260,20 @@ def response_stats(model, ro, other=None):
             other_logits = at_response(other(tokens, attention_mask=mask), P)  # (b, T-P, V)
             kl_sum += kernels.token_kl(logits.float(), other_logits.float())[rmask].sum().item()
     return ent_sum, (kl_sum if other is not None else None), n_tok
+
+
+@torch.no_grad()
+def kl_on_own_samples(model, other, tok, prompts, max_new_tokens, temperature=1.0, seed=0, device="cpu"):
+    """KL(model || other) of whole responses, nats per response, on one sample of `model` per prompt: task_eval's
+    kl_pi_base for any prompts (no verifier needed). Deterministic given `seed`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kl_sum = 0.0
+    with _eval_mode(model, other):
+        for i in range(0, len(prompts), ROLLOUT_BATCH):
+            ro = rollout(model, tok, prompts[i:i + ROLLOUT_BATCH], max_new_tokens, temperature=temperature,
+                         generator=gen)
+            kl_sum += response_stats(model, ro, other)[1]
+    return kl_sum / len(prompts)
 
 
 def score_samples(world, prompts, responses, ended, k, response_tokens=None):

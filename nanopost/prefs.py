@@ -1,6 +1,6 @@
 """
-Preference pairs for a reward model: your file, or the built-in world's simulated labeler; their batches; and the
-Bradley-Terry loss (train_sft.py --data=prefs or --data=PAIRS.jsonl trains on them).
+Preference pairs for a reward model or DPO: your file, or the built-in world's simulated labeler; their batches; and
+the Bradley-Terry loss (train_sft.py --data=prefs or --data=PAIRS.jsonl trains on them; DPO: nanopost.dpo).
 
 Your data (load_preferences), a .jsonl or a .json array, gzipped or not (HH-RLHF's *.jsonl.gz is read as it is):
   explicit prompt  {"prompt": str | [messages ending with a user turn],
@@ -176,14 +176,15 @@ def pairs_hash(pairs):
 # batches and the loss
 
 def encode_pair(tok, pair, block_size):
-    """-> (chosen ids, rejected ids, truncated): prompt + response (+ <|endoftext|> if it ended). A sequence longer
-    than the context keeps its last block_size tokens: the reward is read at the end, which must stay; the
-    oldest prompt tokens go first."""
+    """-> (chosen ids, rejected ids, (n chosen, n rejected) response tokens kept, truncated): prompt + response
+    (+ <|endoftext|> if it ended). A sequence longer than the context keeps its last block_size tokens: the reward
+    is read at the end, which must stay; the oldest prompt tokens go first."""
     prompt = tok.encode_prompt(pair.prompt)
-    out = [prompt + tok.encode(r) + ([tok.eot_id] if ended else [])
-           for r, ended in ((pair.chosen, pair.chosen_ended), (pair.rejected, pair.rejected_ended))]
-    truncated = any(len(ids) > block_size for ids in out)
-    return out[0][-block_size:], out[1][-block_size:], truncated
+    responses = [tok.encode(r) + ([tok.eot_id] if ended else [])
+                 for r, ended in ((pair.chosen, pair.chosen_ended), (pair.rejected, pair.rejected_ended))]
+    truncated = any(len(prompt) + len(r) > block_size for r in responses)
+    return ((prompt + responses[0])[-block_size:], (prompt + responses[1])[-block_size:],
+            tuple(min(len(r), block_size) for r in responses), truncated)
 
 
 def collate_pairs(examples, pad_id):
@@ -197,6 +198,14 @@ def collate_pairs(examples, pad_id):
             X[i, j, :len(ex[j])] = torch.tensor(ex[j])
             M[i, j, :len(ex[j])] = True
     return X, M
+
+
+def response_mask(examples, M):
+    """(B, 2, T) bool: each side's response tokens, which DPO scores (nanopost.dpo): the last n_response of its real
+    tokens M (B, 2, T), counted from the end because a pair longer than the context lost its oldest prompt tokens."""
+    n_real = M.sum(-1, keepdim=True)                                               # (B, 2, 1)
+    n_response = torch.tensor([ex[2] for ex in examples]).view(-1, 2, 1)           # (B, 2, 1)
+    return M & (torch.arange(M.size(-1)) >= n_real - n_response)                   # (B, 2, T)
 
 
 def pair_rewards(model, X, M):

@@ -64,7 +64,7 @@ TASK_SHOWN = ("accuracy", "ended", "well_formed", "distinct_valid")  # printed; 
 
 def train_line(record, max_iters, show_kl):
     """train_sft.py's train record as the line it prints; the KL when anchored, a reward model's
-    pairwise accuracy when the record has it."""
+    pairwise accuracy when the record has it, DPO's implicit rewards of chosen and rejected too."""
     line = (f"step {record['step']}/{max_iters} | loss {record['loss']:.4f} "
             f"| lr {record['lr']:.1e} | tok/s {record['tok_per_s']:.0f} "
             f"| eta {format_eta(record['eta_s'])}")
@@ -72,14 +72,19 @@ def train_line(record, max_iters, show_kl):
         line += f" | kl {record['kl']:.4f}"
     if "acc" in record:
         line += f" | acc {record['acc']:.3f}"
+    if "chosen" in record:
+        line += (f" | rewards {record['chosen']:+.3f} {record['rejected']:+.3f} "
+                 f"margin {record['chosen'] - record['rejected']:.3f}")
     return line
 
 
 def eval_line(record, max_iters):
-    """train_sft.py's eval record as the line it prints: the val loss, a reward model's accuracies,
-    the held-out loss per skill, the task eval's TASK_SHOWN, a sample on the next line."""
+    """train_sft.py's eval record as the line it prints: the val loss, a reward model's or DPO's
+    accuracies, DPO's margin and KL(pi || ref), the held-out loss per skill, the task eval's
+    TASK_SHOWN, a sample on the next line."""
     line = f"eval {record['step']}/{max_iters} | val {record['val_loss']:.4f}"
-    line += "".join(f" | {k} {v:.3f}" for k, v in record.items() if k.startswith("acc"))
+    line += "".join(f" | {k} {v:.3f}" for k, v in record.items()
+                    if k.startswith("acc") or k in ("margin", "kl_ref"))
     if "heldout" in record:
         line += " | heldout " + " ".join(f"{s} {v:.4f}" for s, v in record["heldout"].items())
     if "task" in record:

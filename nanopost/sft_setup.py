@@ -1,10 +1,11 @@
 """
 How a train_sft.py run starts, before its loop: the config (stage defaults, a resume's checkpoint
 config, every knob checked against the others and the checkpoint), the model and its frozen
-reference, and the optimizer.
+reference, and the optimizer and its schedule.
 """
 
 import copy
+import math
 import os
 from dataclasses import asdict, replace
 
@@ -23,7 +24,7 @@ def configure(config_cls, argv, stage_defaults, run_defining):
     config, all checked before anything is written.
     -> cfg, stage, the checkpoint to start from (or None), resume, the snapshot steps"""
     cfg, given = parse_config(config_cls, argv)
-    stage = stage_of(cfg.data)
+    stage = stage_of(cfg.data, cfg.objective)
     # resolved now, so that the config saved in the checkpoint holds the values actually used
     unset = {k: v for k, v in stage_defaults[stage].items() if getattr(cfg, k) in (-1, "")}
     cfg = replace(cfg, **unset)
@@ -42,7 +43,7 @@ def configure(config_cls, argv, stage_defaults, run_defining):
         if "learning_rate" in given and "min_lr" not in given and floor_followed:
             cfg = replace(cfg, min_lr=cfg.learning_rate / 10)  # the floor follows a new peak
             print0(f"changed: min_lr {saved['min_lr']} -> {cfg.min_lr}")
-        stage = stage_of(cfg.data)
+        stage = stage_of(cfg.data, cfg.objective)
     elif cfg.init_from != "scratch":
         ckpt = load_checkpoint(cfg.init_from)
     validate(cfg)
@@ -77,13 +78,23 @@ def check_knobs(cfg, stage, ckpt, resume, ckpt_path):
                         f"reference model to anchor to")
     if stage == "reward" and cfg.sft_kl_coef > 0:
         raise UserError(f"{kl}: a reward model has no next-token distribution to anchor")
+    objective = f"--objective={cfg.objective}"
+    if cfg.objective != "reward" and stage != "dpo":
+        raise UserError(f"{objective} --data={cfg.data}: DPO and IPO train on preference pairs (--data=prefs "
+                        f"or a pairs file)")
+    if stage == "dpo" and cfg.sft_kl_coef > 0:
+        raise UserError(f"{kl} {objective}: DPO's reference is its anchor already (--dpo_beta)")
+    if cfg.dpo_label_smoothing > 0 and cfg.objective != "dpo":
+        raise UserError(f"--dpo_label_smoothing={cfg.dpo_label_smoothing}: cDPO's label noise is a DPO knob; "
+                        f"{objective} does not use it")
 
 
 def init_model(cfg, stage, ckpt, ckpt_path, resume, device):
     """The model to train, on device: a scratch one of cfg's shape, or the checkpoint's (init_from,
     or ckpt_path on a resume); a reward model wraps the trunk in a RewardModel. With sft_kl_coef > 0
-    also the frozen initial model the KL anchors to (a resume restores the one saved with the run,
-    not its current weights). -> model, model_args, tokenizer, ref_model (or None)"""
+    or DPO also the frozen initial model the KL anchors to, or DPO's reference (a resume restores the
+    one saved with the run, not its current weights). -> model, model_args, tokenizer, ref_model
+    (or None)"""
     path = ckpt_path if resume else cfg.init_from
     if ckpt is None:
         tok = get_tokenizer(cfg.tokenizer)
@@ -98,7 +109,8 @@ def init_model(cfg, stage, ckpt, ckpt_path, resume, device):
             model = RewardModel(model)
         model = load_weights(model, ckpt["model"])
         if isinstance(model, RewardModel) and stage != "reward":
-            raise UserError(f"{path} is a reward model; --data={cfg.data} trains a language model")
+            trains = f"--objective={cfg.objective}" if stage == "dpo" else f"--data={cfg.data}"
+            raise UserError(f"{path} is a reward model; {trains} trains a language model")
         tok = from_checkpoint(ckpt, path)
         if model_args["vocab_size"] < tok.vocab_size:
             raise UserError(f"{path}: the model has {model_args['vocab_size']} token embeddings "
@@ -111,7 +123,7 @@ def init_model(cfg, stage, ckpt, ckpt_path, resume, device):
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"model: {n_params / 1e6:.2f}M parameters | {model_args}")
     ref_model = None
-    if cfg.sft_kl_coef > 0:
+    if cfg.sft_kl_coef > 0 or stage == "dpo":
         ref_model = copy.deepcopy(model)
         if resume:
             load_weights(ref_model, ckpt["ref_model"])
@@ -128,3 +140,15 @@ def adamw(model, cfg):
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                   fused=True)  # one kernel for all params, on CPU as on CUDA
     return params, optimizer
+
+
+def lr_at(step, lr, min_lr, warmup_iters, decay_iters, decay):
+    """Linear warmup to lr, then a cosine to min_lr at decay_iters (SGDR, Loshchilov & Hutter)."""
+    if step <= warmup_iters:
+        return lr * step / max(warmup_iters, 1)
+    if not decay:
+        return lr
+    if step >= decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(decay_iters - warmup_iters, 1)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)

@@ -74,11 +74,12 @@ def test_reward_is_read_at_the_last_real_token_padded_as_one_by_one(tiny_gpt):
 
 def test_encode_pair_ends_with_eot_and_keeps_the_end_of_a_long_pair(tok):
     pair = Pair([("user", "Write an addition that equals 12.")], "5+7=12", "12+0=12 12+0=12", True, False)
-    c, r, truncated = encode_pair(tok, pair, 64)
+    c, r, n_response, truncated = encode_pair(tok, pair, 64)
     assert c == tok.encode_prompt("Write an addition that equals 12.") + tok.encode("5+7=12") + [tok.eot_id]
     assert r[-1] != tok.eot_id and not truncated  # a response cut at the length limit has no end token
-    c8, r8, truncated = encode_pair(tok, pair, 8)
-    assert truncated and c8 == c[-8:] and r8 == r[-8:]
+    assert n_response == (len(tok.encode("5+7=12")) + 1, len(tok.encode("12+0=12 12+0=12")))
+    c8, r8, n_response8, truncated = encode_pair(tok, pair, 8)
+    assert truncated and c8 == c[-8:] and r8 == r[-8:] and n_response8 == (min(n_response[0], 8), 8)
 
 
 # -----------------------------------------------------------------------------
