@@ -197,7 +197,6 @@ def main(argv):
 
     # --------------------------------------------------------------------------------------------
     # runtime and model: from scratch, from a checkpoint (e.g. the base model for SFT), or resumed
-
     rt = setup_runtime(cfg.device, cfg.dtype)
     if cfg.batch_size % rt.world_size != 0:
         raise UserError(f"--batch_size={cfg.batch_size}: must divide evenly over the "
@@ -238,7 +237,6 @@ def main(argv):
 
     # --------------------------------------------------------------------------------------------
     # optimizer, and where a resumed run left off
-
     params, optimizer = adamw(model, cfg)
     if resume or cfg.init_optimizer:
         optimizer.load_state_dict(ckpt["optimizer"])  # the lr is set again every step
@@ -253,7 +251,6 @@ def main(argv):
 
     # --------------------------------------------------------------------------------------------
     # evaluation (rank 0 only) and checkpoints
-
     def evaluate(step):
         # a scratch model at step 0 scores 0 and runs every sample to the length limit
         prompts = [] if step == 0 and cfg.init_from == "scratch" else eval_prompts
@@ -287,7 +284,6 @@ def main(argv):
 
     # --------------------------------------------------------------------------------------------
     # training loop
-
     if rt.master:  # the first write into out_dir: every knob and the data were checked above
         lock_out_dir(cfg.out_dir)
     log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), resume_step=step if resume else None,
