@@ -65,13 +65,13 @@ class KVCache:
 def rotary_angles(pos, head_size, base=10000.0):
     """Rotary tables for positions pos (B, T) (Su et al. 2021): cos and sin of pos * base^(-2i/hs),
     i < hs/2, each repeated over both halves of a head, the sin negated on the first half, as
-    (B, T, 1, hs) each, so rotate() works on whole rows of a (B, T, nh, hs) tensor. Built once per
+    (B, 1, T, hs) each, so _rotate() works on whole rows of a (B, nh, T, hs) tensor. Built once per
     forward and shared by every layer and head."""
     inv_freq = base ** (
         -torch.arange(0, head_size, 2, dtype=torch.float32, device=pos.device) / head_size)
-    angles = pos[:, :, None, None].float() * inv_freq  # (B, T, 1, hs/2)
+    angles = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, hs/2)
     cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (B, T, 1, hs) each
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (B, 1, T, hs) each
 
 
 def _rotate(x, cos, sin):
@@ -85,30 +85,44 @@ def _rotate(x, cos, sin):
     return out
 
 
-class _Rotate(torch.autograd.Function):
-    # a rotation's Jacobian is the rotation by the opposite angle, so the backward is the same op
-    # with sin negated: nothing but the tables is saved, and autograd records one node
-    # instead of five
+class _SplitRotate(torch.autograd.Function):
+    # one autograd node for split, view, transpose and both rotations. A rotation's Jacobian is the
+    # rotation by the opposite angle, so the backward is the same op with sin negated and saves
+    # nothing but the tables. It writes the three heads' gradients straight into one (B, T, 3C)
+    # tensor, where autograd would reshape each head's gradient into a copy, then concatenate them
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, qkv, cos, sin, n_head):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
+        return _split_rotate(qkv, n_head, cos, sin)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad_q, grad_k, grad_v):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None
+        B, nh, T, hs = grad_q.shape
+        grad = grad_q.new_empty(B, T, 3, nh, hs)  # the input's (B, T, 3C)
+        heads = grad.permute(2, 0, 3, 1, 4)         # (3, B, nh, T, hs), a view
+        heads[0].copy_(_rotate(grad_q.to(cos.dtype), cos, -sin))
+        heads[1].copy_(_rotate(grad_k.to(cos.dtype), cos, -sin))
+        heads[2].copy_(grad_v)
+        return grad.view(B, T, 3 * nh * hs), None, None, None
 
 
-def rotate(x, cos, sin):
-    """Rotate each pair (x[i], x[i + hs/2]) of x (..., hs) by its position's angle; cos, sin from
-    rotary_angles, broadcastable to x. Computed in float32 (the tables' dtype) and returned in x's
-    dtype."""
+def _split_rotate(qkv, n_head, cos, sin):
+    B, T, C3 = qkv.shape
+    heads = qkv.view(B, T, 3, n_head, C3 // (3 * n_head))
+    heads = heads.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs), a view
+    # (2, B, nh, T, hs), laid out as (B, T, 2, nh, hs)
+    qk = _rotate(heads[:2].to(cos.dtype), cos, sin).to(qkv.dtype)
+    return qk[0], qk[1], heads[2]
+
+
+def split_rotate(qkv, n_head, cos, sin):
+    """c_attn's output qkv (B, T, 3C) -> q, k, v (B, nh, T, hs), q and k with each pair
+    (x[i], x[i + hs/2]) rotated by its position's angle; cos, sin from rotary_angles. Rotated in
+    float32 (the tables' dtype), returned in qkv's dtype."""
     if torch.is_grad_enabled():
-        out = _Rotate.apply(x.to(cos.dtype), cos, sin)
-    else:
-        out = _rotate(x.to(cos.dtype), cos, sin)
-    return out.to(x.dtype)
+        return _SplitRotate.apply(qkv, cos, sin, n_head)
+    return _split_rotate(qkv, n_head, cos, sin)  # sampling: the same math without the autograd node
 
 
 class CausalSelfAttention(nn.Module):
@@ -124,12 +138,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, attn_mask, kv_cache, layer):
         B, T, C = x.size()
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head)
-                   for t in self.c_attn(x).split(C, dim=2))  # (B,T,nh,hs)
-        if rope is not None:
-            # the cache stores rotated keys: a key's position never changes
-            q, k = rotate(q, *rope), rotate(k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if rope is not None:  # the cache stores rotated keys: a key's position never changes
+            q, k, v = split_rotate(qkv, self.n_head, *rope)  # (B, nh, T, hs)
+        else:
+            q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                       for t in qkv.split(C, dim=2))  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
         dropout_p = self.dropout if self.training else 0.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanopost.model import GPT, GPTConfig, KVCache, rotary_angles, rotate
+from nanopost.model import GPT, GPTConfig, KVCache, rotary_angles, split_rotate
 
 
 def tiny_model(seed=0, **kw):
@@ -27,11 +27,11 @@ def left_pad(prompts, pad=0):
 def test_rotary_scores_depend_only_on_the_offset():
     # q at position i against k at position j: the same score for (i, j) and (i + s, j + s), but not for another offset
     torch.manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    q, k = torch.randn(1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 8, dtype=torch.float64)  # (B, T, C)
 
     def score(i, j):
-        qi = rotate(q, *(a.double() for a in rotary_angles(torch.tensor([[i]]), 8)))
-        kj = rotate(k, *(a.double() for a in rotary_angles(torch.tensor([[j]]), 8)))
+        qi = split_rotate(torch.cat([q, q, q], -1), 1, *(a.double() for a in rotary_angles(torch.tensor([[i]]), 8)))[0]
+        kj = split_rotate(torch.cat([k, k, k], -1), 1, *(a.double() for a in rotary_angles(torch.tensor([[j]]), 8)))[1]
         return float((qi * kj).sum())
 
     assert score(0, 0) == pytest.approx(float((q * k).sum()))  # position 0 is no rotation
@@ -180,30 +180,37 @@ def test_hidden_feeds_a_scalar_head_and_weights_are_tied():
     assert "transformer.h.0.attn.c_attn.weight" in model.state_dict()
 
 
-def test_rotate_equals_float64_forward_and_backward():
-    # the (B, T, nh, hs) layout attention rotates, positions as a padded batch gives them (B, T); the float64
-    # reference rotates each pair (x[i], x[i + hs/2]) by the same float32 angles, as the model always has
+def test_split_rotate_equals_float64_forward_and_backward():
+    # c_attn's output (B, T, 3C) split into heads, positions as a padded batch gives them (B, T); the float64
+    # reference splits with views and rotates each pair (x[i], x[i + hs/2]) of q and k by the same float32 angles
     B, T, H, hs = 3, 7, 6, 10
-    x = torch.randn(B, T, H, hs, requires_grad=True)
+    qkv = torch.randn(B, T, 3 * H * hs, requires_grad=True)
     pos = torch.randint(0, 100, (B, T))
     cos, sin = rotary_angles(pos, hs)
-    assert cos.shape == sin.shape == (B, T, 1, hs)
-    x64 = x.detach().double().requires_grad_()
+    assert cos.shape == sin.shape == (B, 1, T, hs)
+    qkv64 = qkv.detach().double().requires_grad_()
     inv = 10000.0 ** (-torch.arange(0, hs, 2, dtype=torch.float32) / hs)
-    angles = (pos[:, :, None, None].float() * inv).double()  # (B, T, 1, hs/2)
+    angles = (pos[:, None, :, None].float() * inv).double()  # (B, 1, T, hs/2)
     c, s = angles.cos(), angles.sin()
-    x1, x2 = x64.chunk(2, dim=-1)
-    ref = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
-    out = rotate(x, cos, sin)
-    assert out.dtype == torch.float32 and out.shape == x.shape
-    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
-    g = torch.randn_like(ref)
-    (dx,), (dx64,) = torch.autograd.grad(out, x, g.float()), torch.autograd.grad(ref, x64, g)
+    q, k, v = (t.view(B, T, H, hs).transpose(1, 2) for t in qkv64.split(H * hs, dim=2))  # (B, H, T, hs)
+    refs = [torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1) for x1, x2 in (q.chunk(2, -1), k.chunk(2, -1))]
+    refs.append(v)
+    outs = split_rotate(qkv, H, cos, sin)
+    for out, ref in zip(outs, refs):
+        assert out.dtype == torch.float32 and out.shape == (B, H, T, hs)
+        torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+    gs = [torch.randn_like(ref) for ref in refs]
+    (dx,), (dx64,) = torch.autograd.grad(outs, qkv, [g.float() for g in gs]), torch.autograd.grad(refs, qkv64, gs)
     torch.testing.assert_close(dx.double(), dx64, atol=1e-6, rtol=1e-6)
     with torch.no_grad():  # sampling takes the same math without the autograd node
-        torch.testing.assert_close(rotate(x, cos, sin), out, atol=0, rtol=0)
-    x16 = x.detach().bfloat16()  # autocast: computed in float32, returned in the input's dtype
-    assert rotate(x16, cos, sin).dtype == torch.bfloat16
+        for a, b in zip(split_rotate(qkv, H, cos, sin), outs):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    qkv16 = qkv.detach().bfloat16().requires_grad_()  # autocast: computed in float32, returned in the input's dtype
+    outs16 = split_rotate(qkv16, H, cos, sin)
+    assert all(o.dtype == torch.bfloat16 for o in outs16)
+    (dx16,) = torch.autograd.grad(outs16, qkv16, [g.bfloat16() for g in gs])
+    assert dx16.dtype == torch.bfloat16
+    torch.testing.assert_close(dx16.double(), dx64, atol=0.05, rtol=0.02)
 
 
 def test_no_buffers_so_old_checkpoints_load():
