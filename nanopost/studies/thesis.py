@@ -1,9 +1,10 @@
 """
 The thesis study: does PPO forget less than SFT at matched accuracy, and is it the KL anchor or the on-policy data?
 
-    python -m nanopost.studies.thesis --seeds=0,1,2,3,4  # the full study (THESIS.md): 1 h 25 min on 2 idle cores
-                                                        # before sft_oracle and the base-sampled KL were added
-                                                        # (not timed since)
+    python -m nanopost.studies.thesis --seeds=0,1,2,3,4  # the full study (THESIS.md), measured 2026-12-07: the
+                                                        # base 5 min of CPU, 13.2-13.9 min of training CPU per
+                                                        # seed, evaluation ~12 min a seed on loaded cores; 1 h 45
+                                                        # min wall as 3 processes on 2 shared cores
     OMP_NUM_THREADS=1 python -m nanopost.studies.thesis ...  # on a shared machine (2 threads on busy cores spun
                                                             # 40x slower)
     python -m nanopost.studies.thesis --seeds=0 --ppo_iters=80 --ppo_snapshot_every=10 --rft_rounds=10 --rft_k=4 \
@@ -334,7 +335,9 @@ def paired_differences(per_run, levels, seeds, n_boot):
              ("ppo_kl0", "ppo", "does removing the anchor matter?"),
              ("rft", "sft", "does on-policy SFT forget less than SFT?"), ("rft", "ppo", "does rft retain like PPO?"),
              ("rft", "ppo_kl0", "on-policy, no anchor: SFT on verified samples vs the policy gradient"),
-             ("grpo", "ppo", "critic-free vs PPO")]
+             ("grpo", "ppo", "critic-free vs PPO"),
+             ("grpo", "ppo_kl0", "anchored and critic-free vs unanchored with a critic (when ppo stalls)"),
+             ("grpo", "rft", "the policy gradient with an anchor vs SFT on verified samples")]
     lines = []
     for a, b, question in pairs:
         for lvl in levels:
