@@ -59,7 +59,7 @@ from nanopost.data import IGNORE, TOO_LONG, load_prompts
 from nanopost.distributed import (all_reduce_sum, assert_in_sync, print0, setup_runtime, sync_grads,
                                   teardown)
 from nanopost.dpo import dpo_pair_loss
-from nanopost.evaluate import dpo_metrics, lm_metrics, lm_val_metrics, spread
+from nanopost.evaluate import dpo_metrics, evenly_spaced, lm_metrics, lm_val_metrics
 from nanopost.loading import get_rng_state, set_rng_state
 from nanopost.model import GPTConfig, RewardModel
 from nanopost.prefs import bradley_terry_loss, pair_metrics, pair_rewards
@@ -211,7 +211,7 @@ def main(argv):
     builtin = cfg.data in ("pretrain", "sft", "prefs") and stage != "reward"  # its world's metrics
     your_corpus = stage == "pretrain" and not builtin  # evaluated by a sample of its held-out text
     world = load_world(seed=cfg.world_seed)
-    eval_prompts = spread(world.eval_prompts, cfg.eval_prompts if builtin else 0)  # each phrasing
+    eval_prompts = evenly_spaced(world.eval_prompts, cfg.eval_prompts if builtin else 0)
     eval_prompts = load_prompts("", eval_prompts, tok, block_size, cfg.max_new_tokens)
     data = load_train_data(cfg, stage, world, tok, block_size, rt.device)
     if resume and ckpt.get("data_hash") != data.hash:
@@ -227,7 +227,7 @@ def main(argv):
                    label_smoothing=cfg.dpo_label_smoothing)
         micro_loss = partial(dpo_pair_loss, autocast=rt.autocast, **dpo)
         val_metrics = partial(dpo_metrics, **pairs, **dpo, tok=tok, seed=cfg.seed,
-                              prompts=spread(data.val_prompts, cfg.eval_prompts),
+                              prompts=evenly_spaced(data.val_prompts, cfg.eval_prompts),
                               max_new_tokens=cfg.max_new_tokens)
     else:
         micro_loss = partial(lm_loss, autocast=rt.autocast, ref_model=ref_model,

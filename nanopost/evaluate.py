@@ -89,7 +89,7 @@ def distinct_n(seqs, n):
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def spread(xs, n):
+def evenly_spaced(xs, n):
     """n items of xs evenly spaced over the whole list (all of xs when n >= len): covers every phrasing, every
     probe kind, instead of the first n of one kind."""
     xs = list(xs)
@@ -216,7 +216,7 @@ def probe_accuracy(model, tok, world, device, max_probes=64):
     probes_by_skill = getattr(world, "probes", {}) or {}
     with _eval_mode(model):
         for skill, probes in probes_by_skill.items():
-            probes = spread(probes, max_probes)
+            probes = evenly_spaced(probes, max_probes)
             if not probes:
                 continue
             correct = 0
@@ -386,7 +386,7 @@ def evaluate_model(model, tok, world, device, base_model=None, base_metrics=None
     Every metric for one model, flat: task metrics, kl_pi_base, kl_base_pi, loss/<skill>, probe/<skill>, and, given
     the base model's own metrics, dloss/<skill>, dloss_mean and dprobe/<skill> (this model minus the base).
     """
-    prompts = spread(world.eval_prompts, n_prompts)
+    prompts = evenly_spaced(world.eval_prompts, n_prompts)
     m = task_eval(model, tok, world, prompts, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
                   seed=seed, device=device, base_model=base_model)
     for skill, v in heldout_losses(model, tok, world, device, max_docs=max_docs).items():
@@ -452,7 +452,7 @@ def data_loss(model, tok, path, device, max_rows=256):
         X, Y = spread_windows(tokens, max_rows, T)
         batches = [(X[i:i + EVAL_BATCH], Y[i:i + EVAL_BATCH]) for i in range(0, len(X), EVAL_BATCH)]
     else:
-        made = [sft_example(tok, turns, T) for turns in spread(load_conversations(path), max_rows)]
+        made = [sft_example(tok, turns, T) for turns in evenly_spaced(load_conversations(path), max_rows)]
         rows = [(x, y) for x, y, _ in (m for m in made if m is not None)]
         if not rows:
             raise UserError(f"{path}: no conversation fits block_size={T}")

@@ -56,8 +56,8 @@ def test_completion_matches():
     assert E.completion_matches(" Kelmar. Zorvan", " Kelmar")
     assert not E.completion_matches("425", "42")  # the word must end where the expected text ends
     assert not E.completion_matches(" Kel", " Kelmar")
-    assert E.spread(list(range(10)), 3) == [0, 3, 6]
-    assert E.spread([1, 2], 5) == [1, 2]
+    assert E.evenly_spaced(list(range(10)), 3) == [0, 3, 6]
+    assert E.evenly_spaced([1, 2], 5) == [1, 2]
 
 
 # -----------------------------------------------------------------------------

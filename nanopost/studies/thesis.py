@@ -59,7 +59,7 @@ import torch
 from nanopost.config import entry, knob, parse_config, parse_list, validate
 from nanopost.distributed import resolve_device
 from nanopost.loading import load_model
-from nanopost.evaluate import _eval_mode, evaluate_checkpoints, spread
+from nanopost.evaluate import _eval_mode, evaluate_checkpoints, evenly_spaced
 from nanopost.studies.experiment import ROOT, SFT_SNAPSHOTS, EvalKnobs, pearson, run_stage, snapshots, value_at
 from nanopost.rollout import response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
@@ -433,7 +433,7 @@ def main(argv):
     base_model, base_ckpt = load_model(base, device)
     tok = from_checkpoint(base_ckpt, base)
     world = load_world(seed=(base_ckpt.get("config") or {}).get("world_seed", 0))
-    prompts = spread(world.eval_prompts, cfg.n_prompts)
+    prompts = evenly_spaced(world.eval_prompts, cfg.n_prompts)
     for p in [base] + [pts[-1][1] for pts in runs.values()]:
         if "pi_other" not in results[p]:
             model, _ = load_model(p, device)
