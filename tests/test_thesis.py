@@ -1,6 +1,7 @@
 """nanopost.studies.thesis: the statistics (bootstrap interval, interpolation at matched accuracy, R^2) and the diversity
 masses against the KL-regularised optimum on hand values; rft's accept step; the study's summary on fake runs."""
 
+import dataclasses
 import json
 import math
 import os
@@ -105,20 +106,28 @@ def test_summary_compares_methods_at_matched_accuracy():
                "d": m(0.25, 0.02, 0.2), "e": m(0.75, 0.1, 0.7)}
     runs = {("sft", 0): [(10, "a")], ("sft", 1): [(10, "b")], ("ppo", 0): [(20, "c")],
             ("ppo", 1): [(10, "d"), (20, "e")]}
-    cfg = T.Config(match_acc="0.5,0.9")
-    per_run, levels = T.summarize(cfg, runs, results)
+    cfg = T.Config(match_acc="0.5,0.9", match_kl="1,2.5")
+    per_run, levels, kl_levels = T.summarize(cfg, runs, results)
     assert per_run[("sft", 0)]["forgetting@0.5"] == pytest.approx(0.2)   # half of 0.4
     assert per_run[("sft", 1)]["forgetting@0.5"] == pytest.approx(0.3)
     assert per_run[("ppo", 0)]["forgetting@0.5"] == pytest.approx(0.05)
     assert per_run[("ppo", 1)]["forgetting@0.5"] == pytest.approx(0.06)  # between 0.02 at 0.25 and 0.1 at 0.75
     assert per_run[("ppo", 1)]["forgetting@0.9"] is None
-    lines = T.paired_differences(per_run, levels, [0, 1], n_boot=1000)
+    # at matched KL(base || pi): sft seed 0 reaches KL 1 halfway to (2.0, 0.4), seed 1 a third of the way to (3, 0.6)
+    assert per_run[("sft", 0)]["forgetting@kl1"] == pytest.approx(0.2)
+    assert per_run[("sft", 1)]["forgetting@kl2.5"] == pytest.approx(0.5)
+    assert per_run[("ppo", 1)]["forgetting@kl1"] is None  # its KL stops at 0.7
+    lines = T.paired_differences(per_run, T.PAIRS, [(f"forgetting@{a}", f"acc {a}") for a in levels], [0, 1],
+                                 n_boot=1000)
     # sft - ppo per seed: 0.15 and 0.24, mean 0.195; the interval of two values spans them
     assert "- sft − ppo at acc 0.5 (does PPO forget less than SFT?): +0.195 [+0.150, +0.240] nats/token, 2 seed(s)" \
         in lines
     assert any(line.startswith("- sft − ppo at acc 0.9") and "no seed where both reach it" in line for line in lines)
-    table = T.method_table(per_run, levels, [0, 1], n_boot=1000)
-    assert table[0].startswith("| method | runs | acc | forgetting |")
+    lines = T.paired_differences(per_run, T.KL_PAIRS, [("forgetting@kl1", "KL 1")], [0, 1], n_boot=1000)
+    assert "- sft − grpo at KL 1 (does GRPO forget less than SFT?): no seed where both reach it" in lines
+    assert not any(line.startswith("- sft − ppo ") for line in lines)  # KL_PAIRS: the preference questions
+    table = T.method_table(per_run, levels, kl_levels, [0, 1], n_boot=1000)
+    assert table[0].startswith("| method | runs | acc | forgetting |") and table[0].endswith("forgetting@kl2.5 |")
     assert any(row.startswith("| ppo | 2 | 0.625 [0.500, 0.750] |") for row in table)
     json.dumps(per_run[("ppo", 1)])  # results.json holds them
 
@@ -149,8 +158,11 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
     monkeypatch.setattr(T, "run_stage", fake_stage)
     monkeypatch.setattr(T, "write_rft_data", fake_rft_data)
     monkeypatch.setattr(T, "write_oracle_data", fake_oracle_data)
-    cfg = T.Config(out_dir=str(tmp_path), sft_iters=20, sft_snapshots="5,10", ppo_iters=60, ppo_snapshot_every=20,
-                   rft_rounds=2, rft_epochs=2, rft_batch=16, device="cpu")
+    pairs_of = {"rm": "h", "dpo": "h"}  # the data hash each preference run's checkpoint records
+    monkeypatch.setattr(T, "load_checkpoint", lambda p: dict(data_hash=pairs_of[p.split(os.sep)[-2]],
+                                                             reward_norm=dict(mean=-0.8, std=0.5)))
+    cfg = T.Config(out_dir=str(tmp_path), sft_iters=20, sft_snapshots="5,10", ppo_iters=60, dpo_iters=50,
+                   snapshot_every=20, rft_rounds=2, rft_epochs=2, rft_batch=16, device="cpu")
     runs = T.run_seed(cfg, "base.pt", 3)
     d = os.path.join(str(tmp_path), "thesis", "s3")
     assert [s for s, _ in runs["sft"]] == [5, 10, 20] and runs["sft"][-1][1] == os.path.join(d, "sft", "ckpt.pt")
@@ -162,6 +174,16 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
     assert "--kl_coef=0.05" in calls["ppo seed=3"][1] and "--advantage=grpo" not in calls["ppo seed=3"][1]
     assert "--kl_coef=0" in calls["ppo_kl0 seed=3"][1]
     assert {"--advantage=grpo", "--group_size=8", "--kl_coef=0.05"} <= set(calls["grpo seed=3"][1])
+    # ppo_rm and dpo: one reward model's pairs; dpo's beta is ppo_rm's kl_coef in the reward model's units
+    rm = os.path.join(d, "rm", "ckpt.pt")
+    assert calls["rm seed=3"] == ("train_sft.py", ["--data=prefs", "--init_from=base.pt", "--seed=3", "--device=cpu"],
+                                  ["base.pt"])
+    script, args, inputs = calls["ppo_rm seed=3"]
+    assert set(args) - set(calls["ppo seed=3"][1]) == {f"--reward_model={rm}"} and inputs == ["base.pt", rm]
+    script, args, inputs = calls["dpo seed=3"]
+    assert script == "train_sft.py" and inputs == ["base.pt", rm] and [s for s, _ in runs["dpo"]] == [20, 40, 50]
+    assert {"--data=prefs", "--objective=dpo", "--dpo_beta=0.025", "--max_iters=50", "--snapshot_steps=20,40",
+            "--seed=3"} <= set(args)
     # rft: round 1 starts from round 0's checkpoint, on its own samples; a round's steps are 2 passes over its
     # verified samples in batches of 16 (13 -> ceil(26 / 16) = 2 steps, 40 -> 5), counted on across rounds
     r0, r1 = (os.path.join(d, "rft", f"round{r}") for r in (0, 1))
@@ -179,6 +201,10 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
     assert script == "train_sft.py" and f"--data={oracle_data}" in args and inputs == ["base.pt", oracle_data]
     assert set(calls["sft seed=3"][1]) - set(args) == {"--data=sft"}
     assert [s for s, _ in runs["sft_oracle"]] == [5, 10, 20]
+    assert set(runs) == set(T.METHODS)
+    pairs_of["dpo"] = "other"  # dpo's pairs must be the reward model's, or the comparison is void
+    with pytest.raises(RuntimeError, match="different preference pairs"):
+        T.run_seed(dataclasses.replace(cfg, out_dir=str(tmp_path / "again")), "base.pt", 3)
 
 
 @pytest.mark.parametrize("arg", ["--group_size=1", "--rft_rounds=0", "--n_boot=10", "--k=0", "--match_acc=x"])

@@ -7,8 +7,9 @@ The thesis study: does PPO forget less than SFT at matched accuracy, and is it t
                                                         # min wall as 3 processes on 2 shared cores
     OMP_NUM_THREADS=1 python -m nanopost.studies.thesis ...  # on a shared machine (2 threads on busy cores spun
                                                             # 40x slower)
-    python -m nanopost.studies.thesis --seeds=0 --ppo_iters=80 --ppo_snapshot_every=10 --rft_rounds=10 --rft_k=4 \
-        --rft_epochs=4 --k=4 --n_prompts=16 --max_docs=32 --match_acc=0.1,0.3,0.5 --readme_plot=false  # a pilot
+    python -m nanopost.studies.thesis --seeds=0 --ppo_iters=80 --dpo_iters=80 --snapshot_every=10 \
+        --rft_rounds=10 --rft_k=4 --rft_epochs=4 --k=4 --n_prompts=16 --max_docs=32 --match_acc=0.1,0.3,0.5 \
+        --readme_plot=false  # a pilot
 
 "Retaining by Doing" (Chen, Razin, Narasimhan & Chen 2025) finds RL's retention comes from on-policy data, not
 from the KL regularizer or the advantage estimator; RL's Razor (Shenfeld, Pari & Agrawal 2025) finds forgetting
@@ -32,12 +33,21 @@ tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). 
              continues the previous round's AdamW state (--init_optimizer), so the rounds are one optimizer on
              changing data, as PPO's iterations are, not a fresh Adam per round (whose first sign-like steps forgot
              +0.12 nats at 1e-3 in a pilot round that learned nothing); rft steps at PPO's constant 1e-4.
+    ppo_rm   train_ppo.py --reward_model: ppo's run against a reward model (train_sft.py --data=prefs) learned
+             from the built-in labeler's preference pairs on the base's samples; the verifier stays the gold
+    dpo      train_sft.py --objective=dpo on the same pairs (same base, same seed: the same pairs, checked by
+             their hash), no reward model and no sampling: the same objective as ppo_rm (Rafailov et al. 2023)
+             from fixed, offline data. ppo_rm standardises the reward model's score r by its std s on the base's
+             samples, so it climbs E[r] - kl_coef * s * KL(pi || base); dpo's beta is kl_coef * s, which makes
+             the two optima the same pi* ∝ base * exp(r / beta) wherever r is the pairs' Bradley-Terry reward
 
 Every run keeps snapshots along training (--snapshot_steps of the scripts), and every snapshot is evaluated with
 nanopost.evaluate: one trajectory (accuracy, forgetting = mean Δ held-out loss, KL(base || pi) on the base's
 samples and KL(pi || base) on pi's, per response) per run. Methods
 are compared at matched accuracy by linear interpolation along each trajectory (first crossing), per seed, then
-as a mean with a 95% bootstrap interval over seeds. Writes out/thesis/report.md, results.json and curves.png.
+as a mean with a 95% bootstrap interval over seeds; and at matched KL(base || pi), RL's Razor's axis, for the
+runs that move the model without reaching the accuracies (a learned reward can climb while the verifier does not).
+Writes out/thesis/report.md, results.json and curves.png.
 
 Diversity against the optimum: the KL-regularised objective max E[r] - beta KL(pi || ref) is maximised by
 pi* ∝ ref * exp(r / beta) (e.g. Rafailov et al. 2023, eq. 4). The task makes it computable: the valid answers to
@@ -58,16 +68,16 @@ import torch
 
 from nanopost.config import entry, knob, parse_config, parse_list, validate
 from nanopost.distributed import resolve_device
-from nanopost.loading import load_model
+from nanopost.loading import load_checkpoint, load_model
 from nanopost.evaluate import _eval_mode, evaluate_checkpoints, evenly_spaced
 from nanopost.studies.experiment import ROOT, SFT_SNAPSHOTS, EvalKnobs, pearson, run_stage, snapshots, value_at
 from nanopost.rollout import response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import demonstrate, load_world
 
-METHODS = ["sft", "sft_oracle", "ppo", "ppo_kl0", "grpo", "rft"]
-COLORS = dict(sft="tab:red", sft_oracle="tab:purple",
-              ppo="tab:blue", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange")
+METHODS = ["sft", "sft_oracle", "dpo", "ppo", "ppo_rm", "ppo_kl0", "grpo", "rft"]
+COLORS = dict(sft="tab:red", sft_oracle="tab:purple", dpo="tab:brown",
+              ppo="tab:blue", ppo_rm="tab:olive", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange")
 PAPER_R2 = dict(toy=0.96, llm=0.71)  # RL's Razor: forgetting against KL(base || pi), R^2
 
 
@@ -205,8 +215,10 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
     sft_iters: int = knob(150, "train_sft.py --max_iters of sft (150: the 98% model that collapses)", ge=1)
     sft_snapshots: str = knob(SFT_SNAPSHOTS, "sft steps kept as trajectory points (dense early: SFT passes PPO's "
                                              "accuracy within ~10 steps)")
-    ppo_iters: int = knob(200, "train_ppo.py --max_iters of ppo, ppo_kl0 and grpo", ge=1)
-    ppo_snapshot_every: int = knob(20, "keep a ppo/ppo_kl0/grpo snapshot every this many iterations", ge=1)
+    ppo_iters: int = knob(200, "train_ppo.py --max_iters of ppo, ppo_rm, ppo_kl0 and grpo", ge=1)
+    dpo_iters: int = knob(200, "train_sft.py --max_iters of dpo (its stage defaults: 32 pairs a step, lr 1e-4)",
+                          ge=1)
+    snapshot_every: int = knob(20, "keep a ppo/ppo_rm/ppo_kl0/grpo/dpo snapshot every this many steps", ge=1)
     kl_coef: float = knob(0.05, "the anchor of ppo and grpo (train_ppo.py's default); beta of pi*", gt=0)
     group_size: int = knob(8, "grpo: responses per prompt (64 responses per iteration = 8 prompts x 8)", ge=2)
     oracle_k: int = knob(16, "sft_oracle: samples of pi* per training prompt (16 x 210 prompts: 3360 examples)",
@@ -219,6 +231,7 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
     rft_batch: int = knob(16, "rft: train_sft.py --batch_size", ge=1)
     rft_lr: float = knob(1e-4, "rft: constant learning rate, no warmup (train_ppo.py's policy lr)", gt=0)
     match_acc: str = knob("0.5,0.8", "accuracies at which methods are compared along their trajectories")
+    match_kl: str = knob("5,10", "KL(base || pi) levels, nats per response, at which forgetting is compared too")
     n_boot: int = knob(10000, "bootstrap resamples per interval", ge=100)
     device: str = knob("auto", "cpu, cuda, or auto (passed to the training scripts too)")
     force: bool = knob(False, "rerun stages whose checkpoint already exists")
@@ -226,7 +239,7 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
 
 
 def run_seed(cfg, base, seed):
-    """Train the six methods of one seed (skipping finished stages) -> {method: [(step, ckpt path)]}."""
+    """Train the eight methods of one seed (skipping finished stages) -> {method: [(step, ckpt path)]}."""
     d = os.path.join(cfg.out_dir, "thesis", f"s{seed}")
     common = [f"--seed={seed}", f"--device={cfg.device}"]
     runs = {}
@@ -244,13 +257,26 @@ def run_seed(cfg, base, seed):
               f"--max_iters={cfg.sft_iters}", f"--snapshot_steps={cfg.sft_snapshots}"] + common, out,
               inputs=[base, data])
     runs["sft_oracle"] = snapshots(out, cfg.sft_iters)
-    every = ",".join(str(s) for s in range(cfg.ppo_snapshot_every, cfg.ppo_iters, cfg.ppo_snapshot_every))
-    ppo = [f"--init_from={base}", f"--max_iters={cfg.ppo_iters}", "--max_minutes=0", f"--snapshot_steps={every}"]
+    every = lambda n: "--snapshot_steps=" + ",".join(str(s) for s in range(cfg.snapshot_every, n, cfg.snapshot_every))
+    # the preference pairs of dpo and ppo_rm: train_sft.py --data=prefs draws them from --init_from and --seed
+    prefs = ["--data=prefs", f"--init_from={base}"] + common
+    rm = run_stage(cfg, f"rm seed={seed}", "train_sft.py", prefs, os.path.join(d, "rm"), inputs=[base])
+    ppo = [f"--init_from={base}", f"--max_iters={cfg.ppo_iters}", "--max_minutes=0", every(cfg.ppo_iters)]
     for method, extra in (("ppo", [f"--kl_coef={cfg.kl_coef}"]), ("ppo_kl0", ["--kl_coef=0"]),
-                          ("grpo", [f"--kl_coef={cfg.kl_coef}", "--advantage=grpo", f"--group_size={cfg.group_size}"])):
+                          ("grpo", [f"--kl_coef={cfg.kl_coef}", "--advantage=grpo", f"--group_size={cfg.group_size}"]),
+                          ("ppo_rm", [f"--kl_coef={cfg.kl_coef}", f"--reward_model={rm}"])):
         out = os.path.join(d, method)
-        run_stage(cfg, f"{method} seed={seed}", "train_ppo.py", ppo + extra + common, out, inputs=[base])
+        run_stage(cfg, f"{method} seed={seed}", "train_ppo.py", ppo + extra + common, out,
+                  inputs=[base] + [rm] * (method == "ppo_rm"))
         runs[method] = snapshots(out, cfg.ppo_iters)
+    rm_ckpt = load_checkpoint(rm)
+    beta = cfg.kl_coef * rm_ckpt["reward_norm"]["std"]  # ppo_rm's objective, in the reward model's units
+    out = os.path.join(d, "dpo")
+    dpo = run_stage(cfg, f"dpo seed={seed}", "train_sft.py", prefs + ["--objective=dpo", f"--dpo_beta={beta:.6g}",
+                    f"--max_iters={cfg.dpo_iters}", every(cfg.dpo_iters)], out, inputs=[base, rm])
+    if load_checkpoint(dpo)["data_hash"] != rm_ckpt["data_hash"]:
+        raise RuntimeError(f"seed {seed}: {dpo} and {rm} were trained on different preference pairs")
+    runs["dpo"] = snapshots(out, cfg.dpo_iters)
     runs["rft"], latest, step = [], base, 0
     for r in range(cfg.rft_rounds):
         out = os.path.join(d, "rft", f"round{r}")
@@ -285,6 +311,7 @@ def trajectory(points, key="dloss_mean"):
 def summarize(cfg, runs, results):
     """Per-run numbers and per-method means with bootstrap intervals; comparisons at matched accuracy."""
     levels = parse_list(cfg.match_acc, "match_acc", float, low=0)
+    kl_levels = parse_list(cfg.match_kl, "match_kl", float, low=0)
     base_m = results["base"]
     per_run = {}  # (method, seed) -> dict
     for (method, seed), pts in runs.items():
@@ -298,14 +325,17 @@ def summarize(cfg, runs, results):
         for a in levels:
             row[f"forgetting@{a}"] = value_at(row["curve"], a)
             row[f"kl@{a}"] = value_at(row["kl_curve"], a)
+        kl_forgetting = [(kl, f) for (_, kl), (_, f) in zip(row["kl_curve"], row["curve"])]
+        for k in kl_levels:  # forgetting where KL(base || pi) first reaches k
+            row[f"forgetting@kl{k:g}"] = value_at(kl_forgetting, k)
         per_run[(method, seed)] = row
-    return per_run, levels
+    return per_run, levels, kl_levels
 
 
-def method_table(per_run, levels, seeds, n_boot):
+def method_table(per_run, levels, kl_levels, seeds, n_boot):
     """Markdown rows: per method, mean [95% CI] over seeds of each final metric and of forgetting at each level."""
     keys = ["acc", "forgetting", "kl", "kl_pi", "distinct_valid", "pi_other_share"] + \
-        [f"forgetting@{a}" for a in levels] + [f"kl@{a}" for a in levels]
+        [f"forgetting@{a}" for a in levels] + [f"kl@{a}" for a in levels] + [f"forgetting@kl{k:g}" for k in kl_levels]
     head = ["method", "runs"] + keys
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in METHODS:
@@ -325,30 +355,38 @@ def method_table(per_run, levels, seeds, n_boot):
     return lines
 
 
-def paired_differences(per_run, levels, seeds, n_boot):
-    """The three questions, as per-seed differences in forgetting at matched accuracy (positive = the first
-    method forgets more), mean and 95% bootstrap interval over the seeds where both runs reach the level."""
-    pairs = [("sft", "ppo", "does PPO forget less than SFT?"), ("sft", "grpo", "does GRPO forget less than SFT?"),
-             ("sft_oracle", "sft", "does SFT on the KL-minimal solution forget less than SFT?"),
-             ("sft_oracle", "ppo", "does oracle SFT forget like RL (RL's Razor)?"),
-             ("sft", "ppo_kl0", "does PPO without the anchor forget less than SFT?"),
-             ("ppo_kl0", "ppo", "does removing the anchor matter?"),
-             ("rft", "sft", "does on-policy SFT forget less than SFT?"), ("rft", "ppo", "does rft retain like PPO?"),
-             ("rft", "ppo_kl0", "on-policy, no anchor: SFT on verified samples vs the policy gradient"),
-             ("grpo", "ppo", "critic-free vs PPO"),
-             ("grpo", "ppo_kl0", "anchored and critic-free vs unanchored with a critic (when ppo stalls)"),
-             ("grpo", "rft", "the policy gradient with an anchor vs SFT on verified samples")]
+# (first, second, question): per-seed differences in forgetting, first minus second
+PAIRS = [("sft", "ppo", "does PPO forget less than SFT?"), ("sft", "grpo", "does GRPO forget less than SFT?"),
+         ("sft_oracle", "sft", "does SFT on the KL-minimal solution forget less than SFT?"),
+         ("sft_oracle", "ppo", "does oracle SFT forget like RL (RL's Razor)?"),
+         ("sft", "ppo_kl0", "does PPO without the anchor forget less than SFT?"),
+         ("ppo_kl0", "ppo", "does removing the anchor matter?"),
+         ("rft", "sft", "does on-policy SFT forget less than SFT?"), ("rft", "ppo", "does rft retain like PPO?"),
+         ("rft", "ppo_kl0", "on-policy, no anchor: SFT on verified samples vs the policy gradient"),
+         ("grpo", "ppo", "critic-free vs PPO"),
+         ("grpo", "ppo_kl0", "anchored and critic-free vs unanchored with a critic (when ppo stalls)"),
+         ("grpo", "rft", "the policy gradient with an anchor vs SFT on verified samples"),
+         ("dpo", "ppo_rm", "the same pairs and objective: offline vs on-policy"),
+         ("sft", "dpo", "does DPO forget less than SFT?"), ("dpo", "grpo", "offline pairs vs the on-policy verifier"),
+         ("ppo_rm", "grpo", "a learned reward vs the verifier, both on-policy")]
+KL_PAIRS = [p for p in PAIRS if p[:2] in {("dpo", "ppo_rm"), ("sft", "dpo"), ("dpo", "grpo"), ("ppo_rm", "grpo"),
+                                          ("sft", "grpo")}]
+
+
+def paired_differences(per_run, pairs, keys, seeds, n_boot):
+    """Each question of pairs as per-seed differences in forgetting at the matched levels of keys (positive = the
+    first method forgets more), mean and 95% bootstrap interval over the seeds where both runs reach the level.
+    keys: [(per_run key, how the level reads)]."""
     lines = []
     for a, b, question in pairs:
-        for lvl in levels:
-            key = f"forgetting@{lvl}"
+        for key, at in keys:
             d = [per_run[(a, s)][key] - per_run[(b, s)][key] for s in seeds if (a, s) in per_run and (b, s) in
                  per_run and per_run[(a, s)][key] is not None and per_run[(b, s)][key] is not None]
             if not d:
-                lines.append(f"- {a} − {b} at acc {lvl} ({question}): no seed where both reach it")
+                lines.append(f"- {a} − {b} at {at} ({question}): no seed where both reach it")
                 continue
             m, lo, hi = bootstrap_ci(d, n_boot=n_boot)
-            lines.append(f"- {a} − {b} at acc {lvl} ({question}): {m:+.3f} [{lo:+.3f}, {hi:+.3f}] nats/token, "
+            lines.append(f"- {a} − {b} at {at} ({question}): {m:+.3f} [{lo:+.3f}, {hi:+.3f}] nats/token, "
                          f"{len(d)} seed(s)")
     return lines
 
@@ -401,7 +439,8 @@ def main(argv):
     cfg, _ = parse_config(Config, argv=argv)
     validate(cfg)  # every knob checked before minutes of training, not when its stage starts
     seeds = parse_list(cfg.seeds, "seeds")
-    parse_list(cfg.match_acc, "match_acc", float, low=0)  # checked before hours of training, used in summarize
+    for name in ("match_acc", "match_kl"):  # checked before hours of training, used in summarize
+        parse_list(getattr(cfg, name), name, float, low=0)
     t0 = time.time()
     base = os.path.join(cfg.out_dir, "base", "ckpt.pt")
     if not os.path.isfile(base):  # the experiment's own base stage: the same command, so both share it
@@ -439,12 +478,16 @@ def main(argv):
             model, _ = load_model(p, device)
             results[p].update(diversity_vs_optimum(model, base_model, tok, world, prompts, cfg.kl_coef, device))
     os.makedirs(thesis_dir, exist_ok=True)
-    with open(cache_path, "w") as f:
+    if os.path.isfile(cache_path):  # keep what a study run on other seeds wrote since this one read the cache
+        with open(cache_path) as f:
+            cache = {**json.load(f), **cache}
+    with open(cache_path + f".tmp{os.getpid()}", "w") as f:
         json.dump(cache, f)
+    os.replace(f.name, cache_path)
     times["eval"] = time.time() - t
     results["base"] = results[base]
 
-    per_run, levels = summarize(cfg, runs, results)
+    per_run, levels, kl_levels = summarize(cfg, runs, results)
     png = os.path.join(thesis_dir, "curves.png")
     plot_curves(per_run, png)
     if cfg.readme_plot:
@@ -459,14 +502,18 @@ def main(argv):
              "pretraining loss vs the base (nats/token); kl: KL(base‖π) on the base's samples, kl_pi: KL(π‖base) on "
              "π's samples (nats per response, sequence-level); pi_other_share: share of "
              "π's valid-answer mass off the demonstrator's N+0=N (exact, from scoring all N+1 valid answers); "
-             "forgetting@a, kl@a: interpolated where the run's trajectory first reaches accuracy a (n = runs that "
-             "reach it).", "",
-             *method_table(per_run, levels, seeds, cfg.n_boot), "",
+             "forgetting@a, kl@a: interpolated where the run's trajectory first reaches accuracy a, forgetting@klk "
+             "where its KL(base‖π) first reaches k (n = runs that reach it).", "",
+             *method_table(per_run, levels, kl_levels, seeds, cfg.n_boot), "",
              f"Base: acc {b['accuracy']:.3f}, pi_other_share {b['pi_other_share']:.3f}. The optimum "
              f"π* ∝ π_base·exp(r/β), β={cfg.kl_coef}: mass on valid answers {b['opt_valid']:.3f}, share off N+0=N "
              f"{b['opt_other_share']:.3f}.", "",
              "## matched accuracy, per-seed differences in forgetting", "",
-             *paired_differences(per_run, levels, seeds, cfg.n_boot), "",
+             *paired_differences(per_run, PAIRS, [(f"forgetting@{a}", f"acc {a}") for a in levels], seeds,
+                                 cfg.n_boot), "",
+             "## matched KL(base‖π), per-seed differences in forgetting", "",
+             *paired_differences(per_run, KL_PAIRS, [(f"forgetting@kl{k:g}", f"KL {k:g}") for k in kl_levels],
+                                 seeds, cfg.n_boot), "",
              "## forgetting against the KL to the base", "", *kl_lines(per_run), "",
              "![forgetting vs accuracy along training](curves.png)", "",
              "## time", "", f"- total {wall / 60:.1f} min wall, {cpu / 60:.1f} min training CPU (a skipped stage "
