@@ -132,6 +132,22 @@ def test_summary_compares_methods_at_matched_accuracy():
     json.dumps(per_run[("ppo", 1)])  # results.json holds them
 
 
+def test_objective_lines_score_the_shared_objective():
+    # J = score - kl_coef * KL(pi || base): dpo 1.0 - 0.05 * 4 = 0.8 and 0.5 - 0.05 * 2 = 0.4, ppo_rm 2.0 - 0.05 * 10
+    # = 1.5 and 1.0 - 0 = 1.0; per seed dpo - ppo_rm -0.7 and -0.6
+    per_run = {("dpo", 0): dict(rm_score=1.0, kl_pi=4.0), ("dpo", 1): dict(rm_score=0.5, kl_pi=2.0),
+               ("ppo_rm", 0): dict(rm_score=2.0, kl_pi=10.0), ("ppo_rm", 1): dict(rm_score=1.0, kl_pi=0.0),
+               ("sft", 0): dict(kl_pi=3.0)}
+    lines = T.objective_lines(per_run, {0: 0.1, 1: -0.1}, [0, 1], kl_coef=0.05, n_boot=1000)
+    assert lines[0] == ("- base: reward model score +0.000 [-0.100, +0.100], KL(π‖base) +0.000 [+0.000, +0.000], "
+                        "J +0.000 [-0.100, +0.100], 2 seed(s)")
+    assert lines[1].startswith("- dpo: reward model score +0.750 [+0.500, +1.000], KL(π‖base) +3.000") and \
+        lines[1].endswith("J +0.600 [+0.400, +0.800], 2 seed(s)")
+    assert lines[2].endswith("J +1.250 [+1.000, +1.500], 2 seed(s)")
+    assert lines[3] == "- dpo − ppo_rm in J, per seed: -0.650 [-0.700, -0.600], 2 seed(s)"
+    assert len(lines) == 4  # sft has no reward model score: not a row
+
+
 def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkeypatch):
     calls = {}
 

@@ -69,7 +69,8 @@ import torch
 from nanopost.config import entry, knob, parse_config, parse_list, validate
 from nanopost.distributed import resolve_device
 from nanopost.loading import load_checkpoint, load_model
-from nanopost.evaluate import _eval_mode, evaluate_checkpoints, evenly_spaced
+from nanopost.evaluate import _eval_mode, evaluate_checkpoints, evenly_spaced, reward_eval
+from nanopost.reward import load_reward_model
 from nanopost.studies.experiment import ROOT, SFT_SNAPSHOTS, EvalKnobs, pearson, run_stage, snapshots, value_at
 from nanopost.rollout import response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
@@ -219,7 +220,8 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
     dpo_iters: int = knob(200, "train_sft.py --max_iters of dpo (its stage defaults: 32 pairs a step, lr 1e-4)",
                           ge=1)
     snapshot_every: int = knob(20, "keep a ppo/ppo_rm/ppo_kl0/grpo/dpo snapshot every this many steps", ge=1)
-    kl_coef: float = knob(0.05, "the anchor of ppo and grpo (train_ppo.py's default); beta of pi*", gt=0)
+    kl_coef: float = knob(0.05, "the anchor of ppo, ppo_rm and grpo (train_ppo.py's default); beta of pi*; "
+                                "dpo's beta, in the reward model's units", gt=0)
     group_size: int = knob(8, "grpo: responses per prompt (64 responses per iteration = 8 prompts x 8)", ge=2)
     oracle_k: int = knob(16, "sft_oracle: samples of pi* per training prompt (16 x 210 prompts: 3360 examples)",
                          ge=1)
@@ -321,7 +323,7 @@ def summarize(cfg, runs, results):
                    kl_pi=final["kl_pi_base"], distinct_valid=final["distinct_valid"], steps=[s for s, _ in traj],
                    curve=trajectory(traj), kl_curve=trajectory(traj, "kl_base_pi"),
                    kl_pi_curve=trajectory(traj, "kl_pi_base"))
-        row.update({k: final[k] for k in final if k.startswith(("pi_", "opt_"))})
+        row.update({k: final[k] for k in final if k.startswith(("pi_", "opt_", "rm_score"))})
         for a in levels:
             row[f"forgetting@{a}"] = value_at(row["curve"], a)
             row[f"kl@{a}"] = value_at(row["kl_curve"], a)
@@ -388,6 +390,26 @@ def paired_differences(per_run, pairs, keys, seeds, n_boot):
             m, lo, hi = bootstrap_ci(d, n_boot=n_boot)
             lines.append(f"- {a} − {b} at {at} ({question}): {m:+.3f} [{lo:+.3f}, {hi:+.3f}] nats/token, "
                          f"{len(d)} seed(s)")
+    return lines
+
+
+def objective_lines(per_run, base_scores, seeds, kl_coef, n_boot):
+    """The objective dpo and ppo_rm share, J = E[r] - kl_coef * KL(pi || base) with r the seed's reward model's
+    normalised score (nats and scores per response), where each final model got: r on its samples, kl_pi, J, per
+    method and as dpo - ppo_rm per seed. The base's J is its score (its KL is 0)."""
+    ci = lambda xs: "{:+.3f} [{:+.3f}, {:+.3f}]".format(*bootstrap_ci(xs, n_boot=n_boot))
+    J = {("base", s): (r, 0.0) for s, r in base_scores.items()}
+    J.update({k: (row["rm_score"], row["kl_pi"]) for k, row in per_run.items() if row.get("rm_score") is not None})
+    lines = []
+    for method in ("base", "dpo", "ppo_rm"):
+        xs = [J[(method, s)] for s in seeds if (method, s) in J]
+        if xs:
+            lines.append(f"- {method}: reward model score {ci([r for r, _ in xs])}, KL(π‖base) "
+                         f"{ci([k for _, k in xs])}, J {ci([r - kl_coef * k for r, k in xs])}, {len(xs)} seed(s)")
+    d = [(J[("dpo", s)][0] - kl_coef * J[("dpo", s)][1]) - (J[("ppo_rm", s)][0] - kl_coef * J[("ppo_rm", s)][1])
+         for s in seeds if ("dpo", s) in J and ("ppo_rm", s) in J]
+    if d:
+        lines.append(f"- dpo − ppo_rm in J, per seed: {ci(d)}, {len(d)} seed(s)")
     return lines
 
 
@@ -477,6 +499,18 @@ def main(argv):
         if "pi_other" not in results[p]:
             model, _ = load_model(p, device)
             results[p].update(diversity_vs_optimum(model, base_model, tok, world, prompts, cfg.kl_coef, device))
+    # the objective dpo and ppo_rm share: the seed's reward model on samples of the base and of their final models
+    base_scores = {}
+    for seed in seeds:
+        rm = load_reward_model(os.path.join(thesis_dir, f"s{seed}", "rm", "ckpt.pt"), tok,
+                               base_model.config.block_size, device).score_texts
+        rm_score = lambda model: reward_eval(model, tok, prompts, rm, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                                             seed=cfg.eval_seed, device=device)["reward"]
+        base_scores[seed] = rm_score(base_model)  # not cached: the base's entry outlives a retrained reward model
+        for method in ("dpo", "ppo_rm"):
+            p = runs[(method, seed)][-1][1]
+            if "rm_score" not in results[p]:
+                results[p]["rm_score"] = rm_score(load_model(p, device)[0])
     os.makedirs(thesis_dir, exist_ok=True)
     if os.path.isfile(cache_path):  # keep what a study run on other seeds wrote since this one read the cache
         with open(cache_path) as f:
@@ -514,6 +548,8 @@ def main(argv):
              "## matched KL(base‖π), per-seed differences in forgetting", "",
              *paired_differences(per_run, KL_PAIRS, [(f"forgetting@kl{k:g}", f"KL {k:g}") for k in kl_levels],
                                  seeds, cfg.n_boot), "",
+             f"## the objective dpo and ppo_rm share: J = E[r] − {cfg.kl_coef}·KL(π‖base), r normalised", "",
+             *objective_lines(per_run, base_scores, seeds, cfg.kl_coef, cfg.n_boot), "",
              "## forgetting against the KL to the base", "", *kl_lines(per_run), "",
              "![forgetting vs accuracy along training](curves.png)", "",
              "## time", "", f"- total {wall / 60:.1f} min wall, {cpu / 60:.1f} min training CPU (a skipped stage "
