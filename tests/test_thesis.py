@@ -98,7 +98,7 @@ def test_rft_keeps_only_verified_samples(world):
     assert T.verified(world, prompts, responses, ended) == [(p, "3+4=7"), (p, " 7+0=7 ")]
 
 
-def test_summary_compares_methods_at_matched_accuracy():
+def test_summary_compares_methods_at_matched_accuracy(tmp_path):
     # two seeds, sft and ppo, hand-made trajectories: forgetting at acc 0.5 by interpolation from the base (0, 0)
     def m(acc, f, kl):
         return dict(accuracy=acc, dloss_mean=f, kl_base_pi=kl, kl_pi_base=kl / 2, distinct_valid=1.0)
@@ -130,6 +130,8 @@ def test_summary_compares_methods_at_matched_accuracy():
     assert table[0].startswith("| method | runs | acc | forgetting |") and table[0].endswith("forgetting@kl2.5 |")
     assert any(row.startswith("| ppo | 2 | 0.625 [0.500, 0.750] |") for row in table)
     json.dumps(per_run[("ppo", 1)])  # results.json holds them
+    T.plot_curves(per_run, str(tmp_path / "curves.png"))  # both panels, from the same rows
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_objective_lines_score_the_shared_objective():

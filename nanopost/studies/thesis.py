@@ -327,9 +327,9 @@ def summarize(cfg, runs, results):
         for a in levels:
             row[f"forgetting@{a}"] = value_at(row["curve"], a)
             row[f"kl@{a}"] = value_at(row["kl_curve"], a)
-        kl_forgetting = [(kl, f) for (_, kl), (_, f) in zip(row["kl_curve"], row["curve"])]
+        row["razor_curve"] = [(kl, f) for (_, kl), (_, f) in zip(row["kl_curve"], row["curve"])]
         for k in kl_levels:  # forgetting where KL(base || pi) first reaches k
-            row[f"forgetting@kl{k:g}"] = value_at(kl_forgetting, k)
+            row[f"forgetting@kl{k:g}"] = value_at(row["razor_curve"], k)
         per_run[(method, seed)] = row
     return per_run, levels, kl_levels
 
@@ -414,30 +414,33 @@ def objective_lines(per_run, base_scores, seeds, kl_coef, n_boot):
 
 
 def plot_curves(per_run, path):
-    """RL's Razor's figure: forgetting against accuracy along training, faint per-seed lines, one colour per
-    method, and the mean over seeds on an accuracy grid where every seed's trajectory reaches."""
+    """RL's Razor's figures: forgetting against accuracy (left) and against KL(base || pi) (right) along training,
+    faint per-seed lines, one colour per method, and the mean over seeds on a grid where every seed's run reaches."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for method in METHODS:
-        curves = [r["curve"] for (m, _), r in per_run.items() if m == method]
-        if not curves:
-            continue
-        for c in curves:
-            ax.plot(*zip(*c), color=COLORS[method], alpha=0.3, lw=0.8, marker=".", ms=3)
-        grid = np.linspace(0.0, 1.0, 101)
-        mean = [(g, np.mean(ys)) for g in grid if None not in (ys := [value_at(c, g) for c in curves])]
-        if mean:
-            ax.plot(*zip(*mean), color=COLORS[method], lw=2.2, label=f"{method} (mean of {len(curves)})")
-    ax.axhline(0.0, color="grey", lw=0.5)
-    ax.set_xlabel("new-task accuracy (held-out prompts)")
-    ax.set_ylabel("forgetting: mean Δ held-out loss vs base (nats/token)")
-    ax.set_title("forgetting along training, per method")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    top_kl = max(kl for r in per_run.values() for kl, _ in r["razor_curve"])
+    panels = ((axes[0], "curve", np.linspace(0.0, 1.0, 101), "new-task accuracy (held-out prompts)"),
+              (axes[1], "razor_curve", np.linspace(0.0, top_kl, 101),
+               "KL(base‖π) on the task's held-out prompts (nats per response)"))
+    for ax, key, grid, xlabel in panels:
+        for method in METHODS:
+            curves = [r[key] for (m, _), r in per_run.items() if m == method]
+            for c in curves:
+                ax.plot(*zip(*c), color=COLORS[method], alpha=0.3, lw=0.8, marker=".", ms=3)
+            mean = [(g, np.mean(ys)) for g in grid if curves and None not in (ys := [value_at(c, g) for c in curves])]
+            if mean:
+                ax.plot(*zip(*mean), color=COLORS[method], lw=2.2, label=f"{method} (mean of {len(curves)})")
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("forgetting: mean Δ held-out loss vs base (nats/token)")
+    axes[0].set_title("forgetting against accuracy, along training")
+    axes[1].set_title("forgetting against the KL to the base (RL's Razor's axis)")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
