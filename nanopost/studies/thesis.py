@@ -2,9 +2,10 @@
 The thesis study: does PPO forget less than SFT at matched accuracy, and is it the KL anchor or the on-policy data?
 
     python -m nanopost.studies.thesis --seeds=0,1,2,3,4  # the full study (THESIS.md), measured 2026-12-07: the
-                                                        # base 5 min of CPU, 13.2-13.9 min of training CPU per
-                                                        # seed, evaluation ~12 min a seed on loaded cores; 1 h 45
-                                                        # min wall as 3 processes on 2 shared cores
+                                                        # base 5 min of CPU, 21-22 min of training CPU per seed
+                                                        # (dpo, ppo_rm and its reward model 8 of them), evaluation
+                                                        # ~13 min a seed on loaded cores; 1 h 45 min (six methods)
+                                                        # + 24 min (those three) wall as 3 processes on 2 cores
     OMP_NUM_THREADS=1 python -m nanopost.studies.thesis ...  # on a shared machine (2 threads on busy cores spun
                                                             # 40x slower)
     python -m nanopost.studies.thesis --seeds=0 --ppo_iters=80 --dpo_iters=80 --snapshot_every=10 \
