@@ -50,9 +50,10 @@ from nanopost.config import entry, knob, parse_steps
 from nanopost.data import TOO_LONG
 from nanopost.distributed import (all_reduce_sum, any_rank, assert_in_sync, print0, setup_runtime,
                                   teardown)
-from nanopost.evaluate import evaluate_policy, evenly_spaced
+from nanopost.evaluate import evaluate_policy
 from nanopost.loading import (load_policy_and_reference, load_value_model, open_run, save_run,
                               start_or_resume)
+from nanopost.metrics import evenly_spaced
 from nanopost.optim import update_models
 from nanopost.ppo_log import final_report, log_train, train_record
 from nanopost.reward import score_rollout, setup_rewards

@@ -59,8 +59,9 @@ from nanopost.data import IGNORE, TOO_LONG, load_prompts
 from nanopost.distributed import (all_reduce_sum, assert_in_sync, print0, setup_runtime, sync_grads,
                                   teardown)
 from nanopost.dpo import dpo_pair_loss
-from nanopost.evaluate import dpo_metrics, evenly_spaced, lm_metrics, lm_val_metrics
+from nanopost.evaluate import dpo_metrics, lm_metrics, lm_val_metrics
 from nanopost.loading import get_rng_state, set_rng_state
+from nanopost.metrics import evenly_spaced
 from nanopost.model import GPTConfig, RewardModel
 from nanopost.prefs import bradley_terry_loss, pair_metrics, pair_rewards
 from nanopost.reward import reward_norm

@@ -1,5 +1,5 @@
 """
-Every metric of nanopost.evaluate against a value computed by hand: a uniform model (zeroed lm_head, so every
+Every metric of nanopost.metrics against a value computed by hand: a uniform model (zeroed lm_head, so every
 logit is 0) has entropy and held-out loss log V; a model has KL 0 to itself; distinct counts and verifier
 accuracy on fixed lists.
 """
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from nanopost import evaluate as E
+from nanopost import metrics as M
 from nanopost.config import UserError
-from nanopost.evaluate import response_stats
+from nanopost.metrics import response_stats
 from nanopost.rollout import Rollout
 
 P10 = "Write an addition that equals 10."
@@ -24,11 +25,11 @@ P20 = "Give two numbers that add up to 20."
 
 def test_distinct_n_by_hand():
     seqs = [[1, 2, 3], [1, 2, 4]]
-    assert E.distinct_n(seqs, 1) == pytest.approx(4 / 6)  # unigrams 1,2,3,1,2,4: 4 unique of 6
-    assert E.distinct_n(seqs, 2) == pytest.approx(3 / 4)  # bigrams 12,23,12,24: 3 unique of 4
-    assert E.distinct_n([[5, 5, 5, 5]], 1) == pytest.approx(1 / 4)
-    assert E.distinct_n([[7]], 2) == 0.0  # no bigram at all -> 0, not a division by zero
-    assert E.distinct_n([], 1) == 0.0
+    assert M.distinct_n(seqs, 1) == pytest.approx(4 / 6)  # unigrams 1,2,3,1,2,4: 4 unique of 6
+    assert M.distinct_n(seqs, 2) == pytest.approx(3 / 4)  # bigrams 12,23,12,24: 3 unique of 4
+    assert M.distinct_n([[5, 5, 5, 5]], 1) == pytest.approx(1 / 4)
+    assert M.distinct_n([[7]], 2) == 0.0  # no bigram at all -> 0, not a division by zero
+    assert M.distinct_n([], 1) == 0.0
 
 
 def test_score_samples_accuracy_and_distinct_valid_by_hand(world):
@@ -38,7 +39,7 @@ def test_score_samples_accuracy_and_distinct_valid_by_hand(world):
                  "10+10=20", "19+1=20", "019+1=20", "5+15=20"]  # prompt 20: leading zero invalid; last truncated
     ended = [True, True, True, True, True, True, True, False]
     toks = [[1, 2], [1, 2], [3, 4], [5, 6], [1], [2], [3], [4]]
-    m, verdicts = E.score_samples(world, prompts, responses, ended, k, toks)
+    m, verdicts = M.score_samples(world, prompts, responses, ended, k, toks)
     assert [v["correct"] for v in verdicts] == [True, True, True, False, True, True, False, False]
     assert m["accuracy"] == pytest.approx(5 / 8)
     assert m["pass_at_k"] == pytest.approx(1.0)
@@ -52,12 +53,12 @@ def test_score_samples_accuracy_and_distinct_valid_by_hand(world):
 
 
 def test_completion_matches():
-    assert E.completion_matches("42\n3+4=7", "42")
-    assert E.completion_matches(" Kelmar. Zorvan", " Kelmar")
-    assert not E.completion_matches("425", "42")  # the word must end where the expected text ends
-    assert not E.completion_matches(" Kel", " Kelmar")
-    assert E.evenly_spaced(list(range(10)), 3) == [0, 3, 6]
-    assert E.evenly_spaced([1, 2], 5) == [1, 2]
+    assert M.completion_matches("42\n3+4=7", "42")
+    assert M.completion_matches(" Kelmar. Zorvan", " Kelmar")
+    assert not M.completion_matches("425", "42")  # the word must end where the expected text ends
+    assert not M.completion_matches(" Kel", " Kelmar")
+    assert M.evenly_spaced(list(range(10)), 3) == [0, 3, 6]
+    assert M.evenly_spaced([1, 2], 5) == [1, 2]
 
 
 # -----------------------------------------------------------------------------
@@ -66,22 +67,22 @@ def test_completion_matches():
 def test_uniform_model_heldout_loss_is_log_v(tok, world, tiny_gpt, reference_kernels):
     model = tiny_gpt(uniform=True)
     log_v = math.log(tok.vocab_size)
-    losses = E.heldout_losses(model, tok, world, "cpu", max_docs=3)
+    losses = M.heldout_losses(model, tok, world, "cpu", max_docs=3)
     assert set(losses) == set(world.skills)
     for skill, loss in losses.items():
         assert loss == pytest.approx(log_v, abs=1e-4), skill
 
 def test_uniform_model_entropy_is_log_v(tok, world, tiny_gpt):
     model = tiny_gpt(uniform=True)
-    m = E.task_eval(model, tok, world, [P10, P20], k=2, max_new_tokens=4, seed=0)
+    m = M.task_eval(model, tok, world, [P10, P20], k=2, max_new_tokens=4, seed=0)
     assert m["entropy"] == pytest.approx(math.log(tok.vocab_size), abs=1e-4)
 
 
 def test_kl_to_itself_is_zero_and_to_another_model_positive(tok, world, tiny_gpt):
     model, other = tiny_gpt(seed=0), tiny_gpt(seed=1)
-    same = E.task_eval(model, tok, world, [P10, P20], k=2, max_new_tokens=4, seed=0, base_model=model)
+    same = M.task_eval(model, tok, world, [P10, P20], k=2, max_new_tokens=4, seed=0, base_model=model)
     assert same["kl_base_pi"] == pytest.approx(0.0, abs=1e-6)
-    diff = E.task_eval(model, tok, world, [P10, P20], k=2, max_new_tokens=4, seed=0, base_model=other)
+    diff = M.task_eval(model, tok, world, [P10, P20], k=2, max_new_tokens=4, seed=0, base_model=other)
     assert diff["kl_base_pi"] > 1e-4
     # the samples come from pi alone, so the base model does not change any sample-based metric
     assert diff["distinct_1"] == same["distinct_1"] and diff["entropy"] == pytest.approx(same["entropy"])
@@ -90,15 +91,15 @@ def test_kl_to_itself_is_zero_and_to_another_model_positive(tok, world, tiny_gpt
 def test_task_eval_is_deterministic_and_restores_train_mode(tok, world, tiny_gpt, reference_kernels):
     model = tiny_gpt()
     model.train()
-    a = E.task_eval(model, tok, world, [P10, P20], k=3, max_new_tokens=5, seed=7, n_show=6)
+    a = M.task_eval(model, tok, world, [P10, P20], k=3, max_new_tokens=5, seed=7, n_show=6)
     assert model.training, "task_eval must give the model back in training mode"
-    b = E.task_eval(model, tok, world, [P10, P20], k=3, max_new_tokens=5, seed=7, n_show=6)
+    b = M.task_eval(model, tok, world, [P10, P20], k=3, max_new_tokens=5, seed=7, n_show=6)
     assert [s[1] for s in a["samples"]] == [s[1] for s in b["samples"]]
     assert a == b
-    c = E.task_eval(model, tok, world, [P10, P20], k=3, max_new_tokens=5, seed=8, n_show=6)
+    c = M.task_eval(model, tok, world, [P10, P20], k=3, max_new_tokens=5, seed=8, n_show=6)
     assert [s[1] for s in a["samples"]] != [s[1] for s in c["samples"]]
     with pytest.raises(ValueError, match="k must be"):
-        E.task_eval(model, tok, world, [P10], k=0)
+        M.task_eval(model, tok, world, [P10], k=0)
 
 
 def test_evaluate_cli_prints_table_with_zero_base_deltas(tiny_gpt, save_tiny_ckpt, tmp_path, capsys,

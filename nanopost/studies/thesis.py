@@ -70,7 +70,8 @@ import torch
 from nanopost.config import entry, knob, parse_config, parse_list, validate
 from nanopost.distributed import resolve_device
 from nanopost.loading import load_checkpoint, load_model
-from nanopost.evaluate import _eval_mode, evaluate_checkpoints, evenly_spaced, reward_eval
+from nanopost.evaluate import evaluate_checkpoints, reward_eval
+from nanopost.metrics import eval_mode, evenly_spaced
 from nanopost.reward import load_reward_model
 from nanopost.studies.experiment import ROOT, SFT_SNAPSHOTS, EvalKnobs, pearson, run_stage, snapshots, value_at
 from nanopost.rollout import response_logprobs, rollout
@@ -114,7 +115,7 @@ def answer_logprobs(model, tok, prompt, answers, device="cpu"):
     N = max(len(r) for r in resp)
     tokens = torch.tensor([p + r + [tok.eot_id] * (N - len(r)) for r in resp], device=device)  # (A, P+N)
     mask = torch.tensor([[True] * (len(p) + len(r)) + [False] * (N - len(r)) for r in resp], device=device)
-    with _eval_mode(model):
+    with eval_mode(model):
         logp, _ = response_logprobs(model, tokens, mask, len(p))  # (A, N)
     return torch.where(mask[:, len(p):], logp, 0.0).sum(1).double().cpu()
 
@@ -199,7 +200,7 @@ def write_rft_data(ckpt_path, out_path, k, seed, max_new_tokens=16, temperature=
     flat = [p for p in world.ppo_prompts for _ in range(k)]
     gen = torch.Generator(device=device).manual_seed(seed)
     kept = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for i in range(0, len(flat), batch):
             ro = rollout(model, tok, flat[i:i + batch], max_new_tokens, temperature=temperature, generator=gen)
             kept += verified(world, ro.prompts, ro.responses, ro.ended.tolist())
