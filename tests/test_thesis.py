@@ -190,7 +190,8 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
         assert script == "train_ppo.py" and "--snapshot_steps=20,40" in args and inputs == ["base.pt"]
         assert "--seed=3" in args and "--max_minutes=0" in args
     assert "--kl_coef=0.05" in calls["ppo seed=3"][1] and "--advantage=grpo" not in calls["ppo seed=3"][1]
-    assert "--kl_coef=0" in calls["ppo_kl0 seed=3"][1]
+    assert "--kl_coef=0" in calls["ppo_kl0 seed=3"][1] and "--kl_coef=0.01" in calls["ppo_weak seed=3"][1]
+    assert [s for s, _ in runs["ppo_weak"]] == [20, 40, 60]
     assert {"--advantage=grpo", "--group_size=8", "--kl_coef=0.05"} <= set(calls["grpo seed=3"][1])
     # ppo_rm and dpo: one reward model's pairs; dpo's beta is ppo_rm's kl_coef in the reward model's units
     rm = os.path.join(d, "rm", "ckpt.pt")

@@ -23,6 +23,10 @@ tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). 
     ppo      train_ppo.py: GAE with a value model, the KL(pi || base) anchor at kl_coef=0.05 (its default k1;
              every KL mode optimises the same objective, tests/test_kl_objective.py)
     ppo_kl0  the same with kl_coef=0: the anchor removed, everything else equal
+    ppo_weak the same with kl_coef=0.01 (weak_kl_coef): an anchor PPO climbs against from this base. At 0.05
+             PPO's advantages, like RLOO's, weigh the rare 0/1 score against the KL as the objective does, and
+             both stalled at the base; GRPO divides the score's advantage by its group's std (0.35 when 1 of 8
+             scores), so at the same kl_coef its anchor weighs ~3x less against the score (THESIS.md)
     grpo     train_ppo.py --advantage=grpo: no critic, group baseline, the same anchor
     rft      rejection-sampling fine-tuning: rounds of "sample k answers per training prompt from the latest
              model, keep the verified ones (world.score == 1), train_sft.py on them for rft_epochs passes": on-policy
@@ -78,9 +82,9 @@ from nanopost.rollout import response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import demonstrate, load_world
 
-METHODS = ["sft", "sft_oracle", "dpo", "ppo", "ppo_rm", "ppo_kl0", "grpo", "rft"]
-COLORS = dict(sft="tab:red", sft_oracle="tab:purple", dpo="tab:brown",
-              ppo="tab:blue", ppo_rm="tab:olive", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange")
+METHODS = ["sft", "sft_oracle", "dpo", "ppo", "ppo_weak", "ppo_rm", "ppo_kl0", "grpo", "rft"]
+COLORS = dict(sft="tab:red", sft_oracle="tab:purple", dpo="tab:brown", ppo="tab:blue", ppo_weak="tab:gray",
+              ppo_rm="tab:olive", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange")
 PAPER_R2 = dict(toy=0.96, llm=0.71)  # RL's Razor: forgetting against KL(base || pi), R^2
 
 
@@ -218,12 +222,13 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
     sft_iters: int = knob(150, "train_sft.py --max_iters of sft (150: the 98% model that collapses)", ge=1)
     sft_snapshots: str = knob(SFT_SNAPSHOTS, "sft steps kept as trajectory points (dense early: SFT passes PPO's "
                                              "accuracy within ~10 steps)")
-    ppo_iters: int = knob(200, "train_ppo.py --max_iters of ppo, ppo_rm, ppo_kl0 and grpo", ge=1)
+    ppo_iters: int = knob(200, "train_ppo.py --max_iters of ppo, ppo_weak, ppo_rm, ppo_kl0 and grpo", ge=1)
     dpo_iters: int = knob(200, "train_sft.py --max_iters of dpo (its stage defaults: 32 pairs a step, lr 1e-4)",
                           ge=1)
-    snapshot_every: int = knob(20, "keep a ppo/ppo_rm/ppo_kl0/grpo/dpo snapshot every this many steps", ge=1)
+    snapshot_every: int = knob(20, "keep a snapshot of the PPO runs and dpo every this many steps", ge=1)
     kl_coef: float = knob(0.05, "the anchor of ppo, ppo_rm and grpo (train_ppo.py's default); beta of pi*; "
                                 "dpo's beta, in the reward model's units", gt=0)
+    weak_kl_coef: float = knob(0.01, "the anchor of ppo_weak", gt=0)
     group_size: int = knob(8, "grpo: responses per prompt (64 responses per iteration = 8 prompts x 8)", ge=2)
     oracle_k: int = knob(16, "sft_oracle: samples of pi* per training prompt (16 x 210 prompts: 3360 examples)",
                          ge=1)
@@ -243,7 +248,7 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
 
 
 def run_seed(cfg, base, seed):
-    """Train the eight methods of one seed (skipping finished stages) -> {method: [(step, ckpt path)]}."""
+    """Train the nine methods of one seed (skipping finished stages) -> {method: [(step, ckpt path)]}."""
     d = os.path.join(cfg.out_dir, "thesis", f"s{seed}")
     common = [f"--seed={seed}", f"--device={cfg.device}"]
     runs = {}
@@ -267,6 +272,7 @@ def run_seed(cfg, base, seed):
     rm = run_stage(cfg, f"rm seed={seed}", "train_sft.py", prefs, os.path.join(d, "rm"), inputs=[base])
     ppo = [f"--init_from={base}", f"--max_iters={cfg.ppo_iters}", "--max_minutes=0", every(cfg.ppo_iters)]
     for method, extra in (("ppo", [f"--kl_coef={cfg.kl_coef}"]), ("ppo_kl0", ["--kl_coef=0"]),
+                          ("ppo_weak", [f"--kl_coef={cfg.weak_kl_coef}"]),
                           ("grpo", [f"--kl_coef={cfg.kl_coef}", "--advantage=grpo", f"--group_size={cfg.group_size}"]),
                           ("ppo_rm", [f"--kl_coef={cfg.kl_coef}", f"--reward_model={rm}"])):
         out = os.path.join(d, method)
@@ -365,6 +371,8 @@ PAIRS = [("sft", "ppo", "does PPO forget less than SFT?"), ("sft", "grpo", "does
          ("sft_oracle", "ppo", "does oracle SFT forget like RL (RL's Razor)?"),
          ("sft", "ppo_kl0", "does PPO without the anchor forget less than SFT?"),
          ("ppo_kl0", "ppo", "does removing the anchor matter?"),
+         ("ppo_kl0", "ppo_weak", "does the anchor matter, where anchored PPO moves?"),
+         ("sft", "ppo_weak", "does anchored PPO forget less than SFT?"), ("grpo", "ppo_weak", "critic-free vs a PPO that moves"),
          ("rft", "sft", "does on-policy SFT forget less than SFT?"), ("rft", "ppo", "does rft retain like PPO?"),
          ("rft", "ppo_kl0", "on-policy, no anchor: SFT on verified samples vs the policy gradient"),
          ("grpo", "ppo", "critic-free vs PPO"),
@@ -374,7 +382,7 @@ PAIRS = [("sft", "ppo", "does PPO forget less than SFT?"), ("sft", "grpo", "does
          ("sft", "dpo", "does DPO forget less than SFT?"), ("dpo", "grpo", "offline pairs vs the on-policy verifier"),
          ("ppo_rm", "grpo", "a learned reward vs the verifier, both on-policy")]
 KL_PAIRS = [p for p in PAIRS if p[:2] in {("dpo", "ppo_rm"), ("sft", "dpo"), ("dpo", "grpo"), ("ppo_rm", "grpo"),
-                                          ("sft", "grpo")}]
+                                          ("sft", "grpo"), ("sft", "ppo_weak"), ("ppo_kl0", "ppo_weak")}]
 
 
 def paired_differences(per_run, pairs, keys, seeds, n_boot):
