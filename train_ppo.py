@@ -53,7 +53,6 @@ from nanopost.distributed import (all_reduce_sum, any_rank, assert_in_sync, prin
 from nanopost.evaluate import evaluate_policy
 from nanopost.loading import (load_policy_and_reference, load_value_model, open_run, save_run,
                               start_or_resume)
-from nanopost.metrics import evenly_spaced
 from nanopost.optim import update_models
 from nanopost.ppo_log import final_report, log_train, train_record
 from nanopost.reward import score_rollout, setup_rewards
@@ -276,7 +275,7 @@ def main(argv):
     world = load_world(seed=cfg.world_seed)
     block_size = model_args["block_size"]
     train_prompts, eval_prompts = ppo_batch.train_eval_prompts(
-        cfg.prompts, world.ppo_prompts, evenly_spaced(world.eval_prompts, cfg.eval_prompts),
+        cfg.prompts, world.ppo_prompts, world.eval_prompts,
         cfg.eval_prompts, tok, block_size, cfg.max_new_tokens, cfg.too_long)
     ppo_batch.check_fill(n_prompts, len(train_prompts), cfg.batch_size, cfg.group_size)
     reward_fn, reward_model, eval_with = setup_rewards(

@@ -8,15 +8,16 @@ import torch
 
 from nanopost.config import UserError
 from nanopost.data import load_prompts
+from nanopost.metrics import evenly_spaced
 
 
 def train_eval_prompts(path, builtin, builtin_eval, n_eval, tok, block_size, max_new_tokens, too_long):
     """-> (the prompts PPO samples, the held-out prompts its evaluation scores), each checked against the
     context now, not when a batch happens to draw one: from your file, its held-out tail (n_eval, a tenth at
-    most); else the built-in lists."""
+    most); else the built-in lists, n_eval held-out prompts spread evenly over builtin_eval."""
     train = load_prompts(path, builtin, tok, block_size, max_new_tokens, too_long)
     if not path:
-        return train, load_prompts("", builtin_eval, tok, block_size, max_new_tokens)
+        return train, load_prompts("", evenly_spaced(builtin_eval, n_eval), tok, block_size, max_new_tokens)
     n_train = len(train) - min(n_eval, len(train) // 10)
     return train[:n_train], train[n_train:]
 
