@@ -418,8 +418,8 @@ def objective_lines(per_run, base_scores, seeds, kl_coef, n_boot):
         if xs:
             lines.append(f"- {method}: reward model score {ci([r for r, _ in xs])}, KL(π‖base) "
                          f"{ci([k for _, k in xs])}, J {ci([r - kl_coef * k for r, k in xs])}, {len(xs)} seed(s)")
-    d = [(J[("dpo", s)][0] - kl_coef * J[("dpo", s)][1]) - (J[("ppo_rm", s)][0] - kl_coef * J[("ppo_rm", s)][1])
-         for s in seeds if ("dpo", s) in J and ("ppo_rm", s) in J]
+    value = lambda key: J[key][0] - kl_coef * J[key][1]
+    d = [value(("dpo", s)) - value(("ppo_rm", s)) for s in seeds if ("dpo", s) in J and ("ppo_rm", s) in J]
     if d:
         lines.append(f"- dpo − ppo_rm in J, per seed: {ci(d)}, {len(d)} seed(s)")
     return lines
