@@ -104,6 +104,23 @@ def test_entry_turns_user_errors_into_one_line_and_exit_codes(monkeypatch, capsy
         entry(failing(KeyError("bug")))
 
 
+def test_entry_ends_a_torchrun_rank_with_its_exit_code_and_no_interpreter_shutdown(monkeypatch, capsys):
+    # the shutdown it skips aborts a gloo rank now and then (see entry); what must survive is the exit code
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def os_exit(code):
+        raise SystemExit(f"os._exit({code})")
+    monkeypatch.setattr(os, "_exit", os_exit)
+
+    def bad_knob(argv):
+        raise UserError("--steps=0: too few")
+    for main, code in ((lambda argv: print("trained"), 0), (bad_knob, 2)):
+        with pytest.raises(SystemExit, match=rf"os\._exit\({code}\)"):
+            entry(main)
+    assert capsys.readouterr() == ("trained\n", "error: --steps=0: too few\n")
+
+
 # -----------------------------------------------------------------------------
 # one run per out_dir
 
