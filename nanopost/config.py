@@ -72,8 +72,10 @@ def parse_config(cls, argv=None):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "--help" in argv or "-h" in argv:
         print(f"{os.path.basename(sys.argv[0])} knobs (override with --key=value):")
-        for f in fields.values():
-            print(f"  --{f.name}={f.default!s:<24} {f.metadata.get('help', '')}")
+        usage = {name: f"--{name}={f.default}" for name, f in fields.items()}
+        width = min(40, max(map(len, usage.values())))  # one column of help; a longer default pushes its line
+        for name, f in fields.items():
+            print(f"  {usage[name]:<{width}}  {f.metadata.get('help', '')}")
         sys.exit(0)
     given = {}
     for arg in argv:

@@ -49,6 +49,17 @@ def test_parse_config_returns_the_config_and_the_knobs_given():
     assert parse_config(Knobs, ["--flag"]) == (Knobs(flag=True), dict(flag=True))  # a bare bool knob is on
 
 
+def test_help_lists_every_knob_with_its_default_and_the_help_in_one_column(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Knobs, ["--help"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["--name=run", "--steps=10", "--batch_size=4", "--lr=0.1",
+                                                    "--beta=0.9", "--flag=False", "--mode=a"]
+    assert {line.index(h) for line, h in zip(lines, ("a string", "an int", "an int, at least", "a float above",
+                                                       "a float in", "a bool", "one of a"))} == {len("  --batch_size=4  ")}
+
+
 @pytest.mark.parametrize("arg,message", [
     ("--stepz=3", "unknown knob --stepz (see --help for the list)"),
     ("steps=3", "bad argument 'steps=3': expected --key=value (see --help)"),
