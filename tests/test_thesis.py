@@ -176,7 +176,7 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
     monkeypatch.setattr(T, "run_stage", fake_stage)
     monkeypatch.setattr(T, "write_rft_data", fake_rft_data)
     monkeypatch.setattr(T, "write_oracle_data", fake_oracle_data)
-    pairs_of = {"rm": "h", "dpo": "h"}  # the data hash each preference run's checkpoint records
+    pairs_of = {"rm": "h", "dpo": "h", "rm_start": "s", "dpo_start": "s"}  # the data hash each checkpoint records
     monkeypatch.setattr(T, "load_checkpoint", lambda p: dict(data_hash=pairs_of[p.split(os.sep)[-2]],
                                                              reward_norm=dict(mean=-0.8, std=0.5)))
     cfg = T.Config(out_dir=str(tmp_path), sft_iters=20, sft_snapshots="5,10", ppo_iters=60, dpo_iters=50,
@@ -220,6 +220,20 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
     assert script == "train_sft.py" and f"--data={oracle_data}" in args and inputs == ["base.pt", oracle_data]
     assert set(calls["sft seed=3"][1]) - set(args) == {"--data=sft"}
     assert [s for s, _ in runs["sft_oracle"]] == [5, 10, 20]
+    # dpo_start and ppo_rm_start: the same two arms from the start (sft's first 8 steps), their own reward model
+    # on the start's samples; their trajectories run base -> start -> their snapshots, counted on from the start
+    start = os.path.join(d, "start", "ckpt.pt")
+    assert calls["start seed=3"] == ("train_sft.py", ["--data=sft", "--init_from=base.pt", "--max_iters=8",
+                                                      "--seed=3", "--device=cpu"], ["base.pt"])
+    rm_start = os.path.join(d, "rm_start", "ckpt.pt")
+    assert calls["rm_start seed=3"][1:] == (["--data=prefs", f"--init_from={start}", "--seed=3", "--device=cpu"],
+                                            [start])
+    for m, plain in (("ppo_rm_start", "ppo_rm"), ("dpo_start", "dpo")):
+        script, args, inputs = calls[f"{m} seed=3"]
+        assert script == calls[f"{plain} seed=3"][0] and inputs == [start, rm_start]
+        assert [a.replace(start, "base.pt").replace(rm_start, rm) for a in args] == calls[f"{plain} seed=3"][1]
+        assert runs[m] == [(8, start)] + [(8 + s, p.replace(os.sep + plain + os.sep, os.sep + m + os.sep))
+                                          for s, p in runs[plain]]
     assert set(runs) == set(T.METHODS)
     pairs_of["dpo"] = "other"  # dpo's pairs must be the reward model's, or the comparison is void
     with pytest.raises(RuntimeError, match="different preference pairs"):

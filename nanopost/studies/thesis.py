@@ -46,6 +46,10 @@ tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). 
              from fixed, offline data. ppo_rm standardises the reward model's score r by its std s on the base's
              samples, so it climbs E[r] - kl_coef * s * KL(pi || base); dpo's beta is kl_coef * s, which makes
              the two optima the same pi* ∝ base * exp(r / beta) wherever r is the pairs' Bradley-Terry reward
+    dpo_start, ppo_rm_start  dpo and ppo_rm from a start that already answers (start_iters SFT steps from the
+             base, as in nanopost.studies.overopt), with their own reward model and pairs drawn from the start's
+             samples; their trajectories run base -> start -> ...: from the base's samples (0.5% right) neither
+             preference arm learned the task, so they never reached the accuracies where the others are compared
 
 Every run keeps snapshots along training (--snapshot_steps of the scripts), and every snapshot is evaluated with
 nanopost.evaluate: one trajectory (accuracy, forgetting = mean Δ held-out loss, KL(base || pi) on the base's
@@ -83,9 +87,11 @@ from nanopost.rollout import response_logprobs, rollout
 from nanopost.tokenizer import from_checkpoint
 from nanopost.world import demonstrate, load_world
 
-METHODS = ["sft", "sft_oracle", "dpo", "ppo", "ppo_weak", "ppo_rm", "ppo_kl0", "grpo", "rft"]
+METHODS = ["sft", "sft_oracle", "dpo", "dpo_start", "ppo", "ppo_weak", "ppo_rm", "ppo_rm_start", "ppo_kl0", "grpo",
+           "rft"]
 COLORS = dict(sft="tab:red", sft_oracle="tab:purple", dpo="tab:brown", ppo="tab:blue", ppo_weak="tab:gray",
-              ppo_rm="tab:olive", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange")
+              ppo_rm="tab:olive", ppo_kl0="tab:cyan", grpo="tab:green", rft="tab:orange", dpo_start="tab:pink",
+              ppo_rm_start="yellowgreen")
 PAPER_R2 = dict(toy=0.96, llm=0.71)  # RL's Razor: forgetting against KL(base || pi), R^2
 
 
@@ -223,13 +229,14 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
     sft_iters: int = knob(150, "train_sft.py --max_iters of sft (150: the 98% model that collapses)", ge=1)
     sft_snapshots: str = knob(SFT_SNAPSHOTS, "sft steps kept as trajectory points (dense early: SFT passes PPO's "
                                              "accuracy within ~10 steps)")
-    ppo_iters: int = knob(200, "train_ppo.py --max_iters of ppo, ppo_weak, ppo_rm, ppo_kl0 and grpo", ge=1)
-    dpo_iters: int = knob(200, "train_sft.py --max_iters of dpo (its stage defaults: 32 pairs a step, lr 1e-4)",
+    ppo_iters: int = knob(200, "train_ppo.py --max_iters of ppo, ppo_weak, ppo_rm(_start), ppo_kl0, grpo", ge=1)
+    dpo_iters: int = knob(200, "train_sft.py --max_iters of dpo(_start) (its stage defaults: 32 pairs a step, lr 1e-4)",
                           ge=1)
     snapshot_every: int = knob(20, "keep a snapshot of the PPO runs and dpo every this many steps", ge=1)
     kl_coef: float = knob(0.05, "the anchor of ppo, ppo_rm and grpo (train_ppo.py's default); beta of pi*; "
                                 "dpo's beta, in the reward model's units", gt=0)
     weak_kl_coef: float = knob(0.01, "the anchor of ppo_weak", gt=0)
+    start_iters: int = knob(8, "SFT steps from the base to the start of dpo_start and ppo_rm_start", ge=1)
     group_size: int = knob(8, "grpo: responses per prompt (64 responses per iteration = 8 prompts x 8)", ge=2)
     oracle_k: int = knob(16, "sft_oracle: samples of pi* per training prompt (16 x 210 prompts: 3360 examples)",
                          ge=1)
@@ -248,8 +255,37 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
     readme_plot: bool = knob(True, "also copy the curves to .assets/thesis.png, the README's figure (off for a pilot)")
 
 
+def every(cfg, n):
+    """The --snapshot_steps of a run of n steps: every cfg.snapshot_every steps."""
+    return "--snapshot_steps=" + ",".join(str(s) for s in range(cfg.snapshot_every, n, cfg.snapshot_every))
+
+
+def preference_arms(cfg, d, init, seed, suffix):
+    """ppo_rm and dpo from init: a reward model (train_sft.py --data=prefs draws the pairs from init's samples and
+    the seed), PPO against it, DPO on the same pairs -> {method + suffix: [(step, ckpt path)]}."""
+    common = [f"--seed={seed}", f"--device={cfg.device}"]
+    prefs = ["--data=prefs", f"--init_from={init}"] + common
+    rm = run_stage(cfg, f"rm{suffix} seed={seed}", "train_sft.py", prefs, os.path.join(d, "rm" + suffix),
+                   inputs=[init])
+    out = os.path.join(d, "ppo_rm" + suffix)
+    run_stage(cfg, f"ppo_rm{suffix} seed={seed}", "train_ppo.py",
+              [f"--init_from={init}", f"--max_iters={cfg.ppo_iters}", "--max_minutes=0", every(cfg, cfg.ppo_iters),
+               f"--kl_coef={cfg.kl_coef}", f"--reward_model={rm}"] + common, out, inputs=[init, rm])
+    runs = {"ppo_rm" + suffix: snapshots(out, cfg.ppo_iters)}
+    rm_ckpt = load_checkpoint(rm)
+    beta = cfg.kl_coef * rm_ckpt["reward_norm"]["std"]  # ppo_rm's objective, in the reward model's units
+    out = os.path.join(d, "dpo" + suffix)
+    dpo = run_stage(cfg, f"dpo{suffix} seed={seed}", "train_sft.py", prefs + [
+        "--objective=dpo", f"--dpo_beta={beta:.6g}", f"--max_iters={cfg.dpo_iters}", every(cfg, cfg.dpo_iters)],
+        out, inputs=[init, rm])
+    if load_checkpoint(dpo)["data_hash"] != rm_ckpt["data_hash"]:
+        raise RuntimeError(f"seed {seed}: {dpo} and {rm} were trained on different preference pairs")
+    runs["dpo" + suffix] = snapshots(out, cfg.dpo_iters)
+    return runs
+
+
 def run_seed(cfg, base, seed):
-    """Train the nine methods of one seed (skipping finished stages) -> {method: [(step, ckpt path)]}."""
+    """Train the eleven methods of one seed (skipping finished stages) -> {method: [(step, ckpt path)]}."""
     d = os.path.join(cfg.out_dir, "thesis", f"s{seed}")
     common = [f"--seed={seed}", f"--device={cfg.device}"]
     runs = {}
@@ -267,27 +303,18 @@ def run_seed(cfg, base, seed):
               f"--max_iters={cfg.sft_iters}", f"--snapshot_steps={cfg.sft_snapshots}"] + common, out,
               inputs=[base, data])
     runs["sft_oracle"] = snapshots(out, cfg.sft_iters)
-    every = lambda n: "--snapshot_steps=" + ",".join(str(s) for s in range(cfg.snapshot_every, n, cfg.snapshot_every))
-    # the preference pairs of dpo and ppo_rm: train_sft.py --data=prefs draws them from --init_from and --seed
-    prefs = ["--data=prefs", f"--init_from={base}"] + common
-    rm = run_stage(cfg, f"rm seed={seed}", "train_sft.py", prefs, os.path.join(d, "rm"), inputs=[base])
-    ppo = [f"--init_from={base}", f"--max_iters={cfg.ppo_iters}", "--max_minutes=0", every(cfg.ppo_iters)]
+    ppo = [f"--init_from={base}", f"--max_iters={cfg.ppo_iters}", "--max_minutes=0", every(cfg, cfg.ppo_iters)]
     for method, extra in (("ppo", [f"--kl_coef={cfg.kl_coef}"]), ("ppo_kl0", ["--kl_coef=0"]),
                           ("ppo_weak", [f"--kl_coef={cfg.weak_kl_coef}"]),
-                          ("grpo", [f"--kl_coef={cfg.kl_coef}", "--advantage=grpo", f"--group_size={cfg.group_size}"]),
-                          ("ppo_rm", [f"--kl_coef={cfg.kl_coef}", f"--reward_model={rm}"])):
+                          ("grpo", [f"--kl_coef={cfg.kl_coef}", "--advantage=grpo", f"--group_size={cfg.group_size}"])):
         out = os.path.join(d, method)
-        run_stage(cfg, f"{method} seed={seed}", "train_ppo.py", ppo + extra + common, out,
-                  inputs=[base] + [rm] * (method == "ppo_rm"))
+        run_stage(cfg, f"{method} seed={seed}", "train_ppo.py", ppo + extra + common, out, inputs=[base])
         runs[method] = snapshots(out, cfg.ppo_iters)
-    rm_ckpt = load_checkpoint(rm)
-    beta = cfg.kl_coef * rm_ckpt["reward_norm"]["std"]  # ppo_rm's objective, in the reward model's units
-    out = os.path.join(d, "dpo")
-    dpo = run_stage(cfg, f"dpo seed={seed}", "train_sft.py", prefs + ["--objective=dpo", f"--dpo_beta={beta:.6g}",
-                    f"--max_iters={cfg.dpo_iters}", every(cfg.dpo_iters)], out, inputs=[base, rm])
-    if load_checkpoint(dpo)["data_hash"] != rm_ckpt["data_hash"]:
-        raise RuntimeError(f"seed {seed}: {dpo} and {rm} were trained on different preference pairs")
-    runs["dpo"] = snapshots(out, cfg.dpo_iters)
+    runs.update(preference_arms(cfg, d, base, seed, ""))
+    start = run_stage(cfg, f"start seed={seed}", "train_sft.py", ["--data=sft", f"--init_from={base}",
+                      f"--max_iters={cfg.start_iters}"] + common, os.path.join(d, "start"), inputs=[base])
+    runs.update({m: [(cfg.start_iters, start)] + [(cfg.start_iters + s, p) for s, p in pts]
+                 for m, pts in preference_arms(cfg, d, start, seed, "_start").items()})
     runs["rft"], latest, step = [], base, 0
     for r in range(cfg.rft_rounds):
         out = os.path.join(d, "rft", f"round{r}")
@@ -382,9 +409,13 @@ PAIRS = [("sft", "ppo", "does PPO forget less than SFT?"), ("sft", "grpo", "does
          ("grpo", "rft", "the policy gradient with an anchor vs SFT on verified samples"),
          ("dpo", "ppo_rm", "the same pairs and objective: offline vs on-policy"),
          ("sft", "dpo", "does DPO forget less than SFT?"), ("dpo", "grpo", "offline pairs vs the on-policy verifier"),
-         ("ppo_rm", "grpo", "a learned reward vs the verifier, both on-policy")]
-KL_PAIRS = [p for p in PAIRS if p[:2] in {("dpo", "ppo_rm"), ("sft", "dpo"), ("dpo", "grpo"), ("ppo_rm", "grpo"),
-                                          ("sft", "grpo"), ("sft", "ppo_weak"), ("ppo_kl0", "ppo_weak")}]
+         ("ppo_rm", "grpo", "a learned reward vs the verifier, both on-policy"),
+         ("dpo_start", "ppo_rm_start", "from a start that answers, the same pairs and objective: offline vs on-policy"),
+         ("sft", "dpo_start", "does DPO after a short SFT forget less than SFT?"),
+         ("sft", "ppo_rm_start", "does PPO on a learned reward after a short SFT forget less than SFT?")]
+KL_PAIRS = [p for p in PAIRS if p[:2] in {("dpo", "ppo_rm"), ("dpo_start", "ppo_rm_start"), ("sft", "dpo"),
+                                          ("dpo", "grpo"), ("ppo_rm", "grpo"), ("sft", "grpo"), ("sft", "ppo_weak"),
+                                          ("ppo_kl0", "ppo_weak")}]
 
 
 def paired_differences(per_run, pairs, keys, seeds, n_boot):
