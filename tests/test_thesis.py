@@ -129,6 +129,14 @@ def test_summary_compares_methods_at_matched_accuracy(tmp_path):
     table = T.method_table(per_run, levels, kl_levels, [0, 1], n_boot=1000)
     assert table[0].startswith("| method | runs | acc | forgetting |") and table[0].endswith("forgetting@kl2.5 |")
     assert any(row.startswith("| ppo | 2 | 0.625 [0.500, 0.750] |") for row in table)
+    # a start arm (base -> start -> its own points) is matched after the start: KL 1 falls in the base -> start
+    # segment it shares with its sibling arm, KL 2.5 in its own training
+    runs = {("dpo_start", 0): [(8, "start"), (28, "b")]}
+    results["start"] = m(0.3, 0.1, 1.5)
+    start_row = T.summarize(cfg, runs, results)[0][("dpo_start", 0)]
+    assert start_row["curve"][0] == (0.0, 0.0) and start_row["forgetting@kl1"] is None
+    assert start_row["forgetting@kl2.5"] == pytest.approx(0.1 + 0.5 * (1 / 1.5))
+    assert start_row["forgetting@0.5"] == pytest.approx(0.1 + 0.5 * (0.2 / 0.7))
     json.dumps(per_run[("ppo", 1)])  # results.json holds them
     T.plot_curves(per_run, str(tmp_path / "curves.png"))  # both panels, from the same rows
     assert (tmp_path / "curves.png").stat().st_size > 0

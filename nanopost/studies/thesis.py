@@ -48,8 +48,9 @@ tracks the forward KL(pi_base || pi) on the new task (R^2 0.96 toy, 0.71 LLMs). 
              the two optima the same pi* ∝ base * exp(r / beta) wherever r is the pairs' Bradley-Terry reward
     dpo_start, ppo_rm_start  dpo and ppo_rm from a start that already answers (start_iters SFT steps from the
              base, as in nanopost.studies.overopt), with their own reward model and pairs drawn from the start's
-             samples; their trajectories run base -> start -> ...: from the base's samples (0.5% right) neither
-             preference arm learned the task, so they never reached the accuracies where the others are compared
+             samples; their trajectories run base -> start -> ..., matched only past the start (a level the
+             start passed reads the same for both). From the base's samples (0.5% right) neither preference arm
+             learned the task, so they never reached the accuracies where the others are compared
 
 Every run keeps snapshots along training (--snapshot_steps of the scripts), and every snapshot is evaluated with
 nanopost.evaluate: one trajectory (accuracy, forgetting = mean Δ held-out loss, KL(base || pi) on the base's
@@ -248,7 +249,7 @@ class Config(EvalKnobs):  # k, n_prompts, max_new_tokens, eval_seed, max_docs: t
     rft_batch: int = knob(16, "rft: train_sft.py --batch_size", ge=1)
     rft_lr: float = knob(1e-4, "rft: constant learning rate, no warmup (train_ppo.py's policy lr)", gt=0)
     match_acc: str = knob("0.5,0.8", "accuracies at which methods are compared along their trajectories")
-    match_kl: str = knob("5,10", "KL(base || pi) levels, nats per response, at which forgetting is compared too")
+    match_kl: str = knob("5,10,20", "KL(base || pi) levels, nats per response, at which forgetting is compared too")
     n_boot: int = knob(10000, "bootstrap resamples per interval", ge=100)
     device: str = knob("auto", "cpu, cuda, or auto (passed to the training scripts too)")
     force: bool = knob(False, "rerun stages whose checkpoint already exists")
@@ -360,12 +361,15 @@ def summarize(cfg, runs, results):
                    curve=trajectory(traj), kl_curve=trajectory(traj, "kl_base_pi"),
                    kl_pi_curve=trajectory(traj, "kl_pi_base"))
         row.update({k: final[k] for k in final if k.startswith(("pi_", "opt_", "rm_score"))})
-        for a in levels:
-            row[f"forgetting@{a}"] = value_at(row["curve"], a)
-            row[f"kl@{a}"] = value_at(row["kl_curve"], a)
         row["razor_curve"] = [(kl, f) for (_, kl), (_, f) in zip(row["kl_curve"], row["curve"])]
+        # an arm from the start is matched where its own training takes it: a level that the start's SFT steps
+        # already passed would read the same for both start arms, by construction
+        own = 1 if method.endswith("_start") else 0
+        for a in levels:
+            row[f"forgetting@{a}"] = value_at(row["curve"][own:], a)
+            row[f"kl@{a}"] = value_at(row["kl_curve"][own:], a)
         for k in kl_levels:  # forgetting where KL(base || pi) first reaches k
-            row[f"forgetting@kl{k:g}"] = value_at(row["razor_curve"], k)
+            row[f"forgetting@kl{k:g}"] = value_at(row["razor_curve"][own:], k)
         per_run[(method, seed)] = row
     return per_run, levels, kl_levels
 
