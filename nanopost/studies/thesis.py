@@ -2,11 +2,11 @@
 The thesis study: does PPO forget less than SFT at matched accuracy, and is it the KL anchor or the on-policy data?
 
     python -m nanopost.studies.thesis --seeds=0,1,2,3,4  # the full study (THESIS.md), measured 2026-12-07: the
-                                                        # base 5 min of CPU, 26-27 min of training CPU per seed
-                                                        # (ppo_weak 4.5, dpo, ppo_rm and its reward model 8),
-                                                        # evaluation ~14 min a seed on loaded cores; 2 h 25 min
-                                                        # wall in three runs (six methods, then dpo and ppo_rm,
-                                                        # then ppo_weak) as 2-3 processes on 2 shared cores
+                                                        # base 5 min of CPU, 34-36 min of training CPU per seed
+                                                        # (ppo_weak 4.5; dpo, ppo_rm and their reward model 8;
+                                                        # the same from the start 8.3), evaluation ~16 min a seed
+                                                        # on loaded cores; 3 h wall in four runs as 2-3
+                                                        # processes on 2 shared cores
     OMP_NUM_THREADS=1 python -m nanopost.studies.thesis ...  # on a shared machine (2 threads on busy cores spun
                                                             # 40x slower)
     python -m nanopost.studies.thesis --seeds=0 --ppo_iters=80 --dpo_iters=80 --snapshot_every=10 \
