@@ -56,8 +56,8 @@ def test_help_lists_every_knob_with_its_default_and_the_help_in_one_column(capsy
     lines = capsys.readouterr().out.splitlines()[1:]
     assert [line.split()[0] for line in lines] == ["--name=run", "--steps=10", "--batch_size=4", "--lr=0.1",
                                                     "--beta=0.9", "--flag=False", "--mode=a"]
-    assert {line.index(h) for line, h in zip(lines, ("a string", "an int", "an int, at least", "a float above",
-                                                       "a float in", "a bool", "one of a"))} == {len("  --batch_size=4  ")}
+    helps = ("a string", "an int", "an int, at least", "a float above", "a float in", "a bool", "one of a")
+    assert {line.index(h) for line, h in zip(lines, helps)} == {len("  --batch_size=4  ")}
 
 
 @pytest.mark.parametrize("arg,message", [
