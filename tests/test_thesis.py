@@ -249,7 +249,8 @@ def test_run_seed_wires_each_method_to_its_knobs_and_trajectory(tmp_path, monkey
 
 
 @pytest.mark.parametrize("arg", ["--group_size=1", "--rft_rounds=0", "--n_boot=10", "--k=0", "--match_acc=x",
-                                 "--match_kl=x", "--weak_kl_coef=0", "--dpo_iters=0", "--snapshot_every=0"])
+                                 "--match_kl=x", "--weak_kl_coef=0", "--dpo_iters=0", "--snapshot_every=0",
+                                 "--start_iters=0"])
 def test_bad_knob_is_one_line_before_any_stage(arg, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "run_stage", lambda *a, **k: pytest.fail("a stage started before the knobs were checked"))
     with pytest.raises(UserError, match="^" + re.escape(arg.split("=")[0])):
